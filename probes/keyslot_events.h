@@ -1,0 +1,62 @@
+/* SPDX-License-Identifier: (GPL-2.0 OR MIT) */
+/*
+ * keyslot_events.h - the one definition of every keyslot-trace event.
+ *
+ * Included by the BPF programs in this directory and parsed by
+ * probes/events.py, which builds the Python enum and ctypes mirror from it.
+ * Keep the X-macro below one entry per line: the Python parser reads it.
+ *
+ * KS_EVENT_KINDS(X): X(ENUM_NAME, value, trace_name)
+ *   trace_name is the "ev" field of the NDJSON trace (docs/trace-format.md).
+ */
+#ifndef KEYSLOT_EVENTS_H
+#define KEYSLOT_EVENTS_H
+
+#define KS_EVENT_KINDS(X) \
+	X(KS_PROFILE_INIT,      1, profile_init) \
+	X(KS_PROFILE_DESTROY,   2, profile_destroy) \
+	X(KS_GET_CALL,          3, get_call) \
+	X(KS_GET_RETURN,        4, get_return) \
+	X(KS_PUT_CALL,          5, put_call) \
+	X(KS_PUT_RETURN,        6, put_return) \
+	X(KS_EVICT_CALL,        7, evict_call) \
+	X(KS_EVICT_RETURN,      8, evict_return) \
+	X(KS_PROGRAM_CALL,      9, program_call) \
+	X(KS_PROGRAM_RETURN,   10, program_return) \
+	X(KS_DRV_EVICT_CALL,   11, drv_evict_call) \
+	X(KS_DRV_EVICT_RETURN, 12, drv_evict_return) \
+	X(KS_REPROGRAM_CALL,   13, reprogram_call) \
+	X(KS_REPROGRAM_RETURN, 14, reprogram_return) \
+	X(KS_LOST,             15, lost)
+
+#define KS_ENUM_ENTRY(name, value, trace_name) name = value,
+enum ks_event_kind { KS_EVENT_KINDS(KS_ENUM_ENTRY) };
+#undef KS_ENUM_ENTRY
+
+/* slot value meaning "no slot": passthrough, a failed get, or a put of NULL */
+#define KS_NO_SLOT (-1)
+
+/*
+ * One fixed-size record per kernel event. 64-bit fields first so that the
+ * compiler adds no hidden padding; the Python mirror checks every offset.
+ * Raw pointers (profile, key) never leave the tracer: user space replaces
+ * them with salted fingerprints before anything is written.
+ */
+struct ks_event {
+	__u64 ts_ns;    /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, nanoseconds */
+	__u64 profile;  /* struct blk_crypto_profile * / blk_keyslot_manager * */
+	__u64 key;      /* struct blk_crypto_key * (key identity; bytes never read) */
+	__u64 aux;      /* PROFILE_INIT: num_slots */
+	__u32 kind;     /* enum ks_event_kind */
+	__u32 cpu;
+	__u32 tid;      /* kernel pid = thread id */
+	__u32 tgid;
+	__s32 slot;     /* slot index, or KS_NO_SLOT */
+	__s32 result;   /* *_RETURN: blk_status_t (get, mainline) or -errno */
+};
+
+#ifndef __BPF__
+_Static_assert(sizeof(struct ks_event) == 56, "struct ks_event layout changed");
+#endif
+
+#endif /* KEYSLOT_EVENTS_H */

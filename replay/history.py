@@ -1,0 +1,221 @@
+"""From trace events to operations with call/return intervals.
+
+An operation (get, put, evict, reprogram_all) is the pair of its call and
+return events on one thread and one profile. The driver callbacks that run
+inside it (program, driver evict) are attached to it: they are how the
+kernel shows a miss, and which slot it chose. Intervals are closed
+[call, return] on CLOCK_MONOTONIC; at equal timestamps calls are ordered
+before returns, so that such operations count as overlapping.
+
+Per profile, the result is a time-ordered list of *points*: CALL(op),
+RETURN(op), RESYNC (lost events: the state becomes unknown from here),
+INIT/DESTROY. The checker consumes these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from probes.events import EventKind
+from replay.model import DrvEvict, Evict, Get, Program, Put, Reprogram
+from replay.trace import Event, Header
+
+CALL, RETURN, RESYNC, INIT, DESTROY = range(5)
+
+_OPENERS = {
+    EventKind.get_call: "get",
+    EventKind.put_call: "put",
+    EventKind.evict_call: "evict",
+    EventKind.reprogram_call: "reprogram",
+}
+_CLOSERS = {
+    EventKind.get_return: "get",
+    EventKind.put_return: "put",
+    EventKind.evict_return: "evict",
+    EventKind.reprogram_return: "reprogram",
+}
+
+# which operations run which driver callback
+_PARENTS = {
+    EventKind.program_call: ("get", "reprogram"),
+    EventKind.program_return: ("get", "reprogram"),
+    EventKind.drv_evict_call: ("evict",),
+    EventKind.drv_evict_return: ("evict",),
+}
+
+
+@dataclass
+class OpRecord:
+    """One operation as observed: its events and, once complete, its model input."""
+
+    id: int
+    kind: str
+    profile: str
+    tid: int
+    cpu: int
+    call: Event | None
+    ret: Event | None = None
+    subs: list[Event] = field(default_factory=list)
+    incomplete: bool = False  # events of it may have been lost
+    op: object = None  # the model operation (replay.model.Get/Put/...)
+
+    @property
+    def call_t(self) -> int:
+        return self.call.t if self.call is not None else -1
+
+    @property
+    def line(self) -> int:
+        e = self.ret or self.call
+        return e.line if e else 0
+
+
+@dataclass
+class ProfileHistory:
+    profile: str
+    num_slots: int | None  # None: never initialised and not in the header
+    device: str | None
+    from_start: bool  # True when the profile was initialised inside the trace
+    points: list[tuple] = field(default_factory=list)  # (t, order, kind, payload)
+    events: list[Event] = field(default_factory=list)
+    n_ops: int = 0
+
+
+def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
+    profiles: dict[str, ProfileHistory] = {
+        p.id: ProfileHistory(p.id, p.num_slots, p.device, False) for p in header.profiles
+    }
+    # (tid, profile) -> the operation in flight. A thread runs one operation
+    # at a time on a profile; nesting happens only across profiles (dm's
+    # evict callback evicting from the disks below it).
+    open_ops: dict[tuple, OpRecord] = {}
+    ids = 0
+
+    def hist(pid: str) -> ProfileHistory:
+        h = profiles.get(pid)
+        if h is None:
+            h = profiles[pid] = ProfileHistory(pid, None, None, False)
+        return h
+
+    for ev in events:
+        kind = ev.kind
+        if kind is EventKind.lost:
+            # Everything after this point may be missing, on any CPU, for any
+            # profile: every profile resynchronises, and operations in flight
+            # may have lost events of their own.
+            for h in profiles.values():  # after returns at the same time: those were seen
+                h.points.append((ev.t, 2, RESYNC, ev))
+            for rec in open_ops.values():
+                rec.incomplete = True
+            continue
+        h = hist(ev.profile)
+        h.events.append(ev)
+        if kind is EventKind.profile_init:
+            h.num_slots, h.from_start = ev.num_slots, True
+            h.device = ev.device or h.device
+            h.points.append((ev.t, 0, INIT, ev))
+        elif kind is EventKind.profile_destroy:
+            h.points.append((ev.t, 1, DESTROY, ev))
+        elif kind in _OPENERS:
+            k = (ev.tid, ev.profile)
+            stale = open_ops.pop(k, None)
+            if stale is not None:  # its return was lost: the thread has moved on
+                stale.incomplete = True
+                _finish(h, stale, None, ev.t)
+            ids += 1
+            rec = OpRecord(ids, _OPENERS[kind], ev.profile, ev.tid, ev.cpu, ev)
+            open_ops[k] = rec
+            h.points.append((ev.t, 0, CALL, rec))
+        elif kind in _CLOSERS:
+            k = (ev.tid, ev.profile)
+            rec = open_ops.pop(k, None)
+            if rec is not None and rec.kind != _CLOSERS[kind]:  # the open one lost its return
+                rec.incomplete = True
+                _finish(h, rec, None, ev.t)
+                rec = None
+            if rec is None:
+                # Its call happened before the trace started (or was lost): the
+                # operation may have taken effect at any time before now.
+                ids += 1
+                rec = OpRecord(ids, _CLOSERS[kind], ev.profile, ev.tid, ev.cpu, None, incomplete=True)
+                h.points.append((_first_t(h, ev.t), 0, CALL, rec))
+            _finish(h, rec, ev, ev.t)
+        else:  # driver callback inside an operation on this thread and profile
+            parent = open_ops.get((ev.tid, ev.profile))
+            if parent is not None and parent.kind in _PARENTS[kind]:
+                parent.subs.append(ev)
+            elif parent is not None:  # a callback its open operation cannot make: events were lost
+                parent.incomplete = True
+            # A callback outside any operation: its parent's call predates the
+            # trace; nothing to attach it to.
+    for rec in open_ops.values():  # still in flight at the end of the trace: it may or may not have taken effect
+        rec.incomplete = True
+        rec.op = to_model_op(rec)
+    for h in profiles.values():
+        h.points.sort(key=lambda p: (p[0], p[1]))
+    return profiles
+
+
+def _first_t(h: ProfileHistory, t: int) -> int:
+    """Earliest time an orphan return's operation can be placed: the last resync, or the start."""
+    for p in reversed(h.points):
+        if p[2] == RESYNC:
+            return p[0]
+    return 0 if not h.points else min(h.points[0][0], t)
+
+
+def _finish(h: ProfileHistory, rec: OpRecord, ret: Event | None, t: int) -> None:
+    """Close an operation at time ``t``: its return, or, when the return was
+    lost, the thread's next call (the operation ended before that)."""
+    rec.ret = ret
+    rec.op = to_model_op(rec)
+    h.n_ops += 1
+    h.points.append((t, 1, RETURN, rec))
+
+
+def to_model_op(rec: OpRecord):
+    """The model's view of an operation: its input and the outcome the kernel showed."""
+    call, ret, inc = rec.call, rec.ret, rec.incomplete
+    if rec.kind == "get":
+        key = (call or ret).key
+        prog = _program(rec.subs)
+        if prog is not None and prog.result is None:
+            inc = True
+        return Get(key, ret.result if ret else None, ret.slot if ret else None, prog, inc or ret is None)
+    if rec.kind == "put":
+        slot = call.slot if call is not None else ret.slot
+        return Put(slot, inc)
+    if rec.kind == "evict":
+        key = (call or ret).key
+        drv = _drv_evict(rec.subs)
+        if ret is None or (drv is not None and drv.result is None):
+            inc = True
+        return Evict(key, ret.result if ret else None, drv, inc)
+    programs = tuple(p for p in _programs(rec.subs))
+    return Reprogram(programs, inc or ret is None or call is None)
+
+
+def _programs(subs: list[Event]):
+    open_: dict[int, Event] = {}
+    for e in subs:
+        if e.kind is EventKind.program_call:
+            open_[e.slot] = e
+        elif e.kind is EventKind.program_return:
+            open_.pop(e.slot, None)
+            yield Program(e.slot, e.key, e.result)
+    for e in open_.values():
+        yield Program(e.slot, e.key, None)
+
+
+def _program(subs: list[Event]) -> Program | None:
+    progs = list(_programs(subs))
+    return progs[-1] if progs else None
+
+
+def _drv_evict(subs: list[Event]) -> DrvEvict | None:
+    drv = None
+    for e in subs:
+        if e.kind is EventKind.drv_evict_call and drv is None:
+            drv = DrvEvict(e.slot, None)
+        elif e.kind is EventKind.drv_evict_return:
+            drv = DrvEvict(e.slot, e.result)
+    return drv

@@ -1,0 +1,95 @@
+"""Mutations of a correct trace, each of which a correct checker must reject.
+
+Used by the tests on simulated and on real kernel traces: a trace that
+replays AGREE, mutated, must replay DIVERGED, and the divergence must name
+the mutated operation (or, for a dropped put, an operation on its slot).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+MUTATIONS = {
+    "slot": "a get that returned a slot returns a different slot",
+    "drop-put": "a put that freed a slot is removed from the trace",
+    "evict-result": "an evict that succeeded reports -EBUSY, or a busy one reports success",
+}
+
+
+@dataclass
+class Mutation:
+    kind: str
+    line: int  # line (1-based, header = 1) of the mutated event, in the mutated file
+    slot: int | None
+    description: str
+
+
+def load_records(data: bytes) -> tuple[dict, list[dict[str, Any]]]:
+    lines = [orjson.loads(x) for x in data.splitlines() if x.strip()]
+    return lines[0], lines[1:]
+
+
+def dump_records(header: dict, records: list[dict[str, Any]]) -> bytes:
+    return b"".join(orjson.dumps(r) + b"\n" for r in [header, *records])
+
+
+def mutate(header: dict, records: list[dict[str, Any]], kind: str, rng: random.Random) -> Mutation:
+    """Mutate ``records`` in place; returns what was changed. Raises LookupError if nothing fits."""
+    slots = {r["p"]: r["num_slots"] for r in records if r["ev"] == "profile_init"}
+    slots.update({p["id"]: p["num_slots"] for p in header.get("profiles", ())})
+    if kind == "slot":
+        cands = [i for i, r in enumerate(records)
+                 if r["ev"] == "get_return" and r.get("slot") is not None and slots.get(r["p"], 0) > 1]
+        i = rng.choice(_need(cands, kind))
+        r = records[i]
+        old = r["slot"]
+        r["slot"] = rng.choice([s for s in range(slots[r["p"]]) if s != old])
+        return Mutation(kind, i + 2, r["slot"], f"get_return at line {i + 2}: slot {old} -> {r['slot']}")
+    if kind == "drop-put":
+        # a put whose slot is later programmed again: the model must then see it still in use
+        reused = []
+        for i, r in enumerate(records):
+            if r["ev"] == "put_call" and r.get("slot") is not None:
+                if any(x["ev"] == "program_call" and x["p"] == r["p"] and x["slot"] == r["slot"]
+                       for x in records[i + 1:]):
+                    reused.append(i)
+        i = rng.choice(_need(reused, kind))
+        call = records[i]
+        j = next(j for j in range(i + 1, len(records))
+                 if records[j]["ev"] == "put_return" and records[j]["tid"] == call["tid"] and records[j]["p"] == call["p"])
+        del records[j], records[i]
+        return Mutation(kind, i + 2, call["slot"], f"put of slot {call['slot']} at line {i + 2} removed")
+    if kind == "evict-result":
+        cands = [i for i, r in enumerate(records)
+                 if r["ev"] == "evict_return" and r["result"] in (0, -16) and slots.get(r["p"], 0) > 0
+                 and _evict_was_cached(records, i)]
+        i = rng.choice(_need(cands, kind))
+        r = records[i]
+        old = r["result"]
+        r["result"] = -16 if old == 0 else 0
+        return Mutation(kind, i + 2, None, f"evict_return at line {i + 2}: result {old} -> {r['result']}")
+    raise ValueError(f"unknown mutation {kind!r}")
+
+
+def _evict_was_cached(records: list[dict], i: int) -> bool:
+    """The evict reached a cached key: it called the driver (result 0) or found it busy (-EBUSY)."""
+    ret = records[i]
+    if ret["result"] == -16:
+        return True
+    for r in reversed(records[:i]):
+        if r["tid"] == ret["tid"] and r["p"] == ret["p"]:
+            if r["ev"] == "drv_evict_return":
+                return True
+            if r["ev"] == "evict_call":
+                return False
+    return False
+
+
+def _need(cands: list[int], kind: str) -> list[int]:
+    if not cands:
+        raise LookupError(f"the trace has nothing the {kind!r} mutation applies to")
+    return cands

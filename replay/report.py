@@ -1,0 +1,142 @@
+"""Verdicts in words (rich) and as JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from replay.checker import Divergence, ProfileResult, Result, Verdict
+from replay.history import OpRecord
+from replay.trace import Event
+
+_STYLE = {Verdict.AGREE: "bold green", Verdict.DIVERGED: "bold red", Verdict.UNKNOWN: "bold yellow"}
+
+
+def describe_event(e: Event, t0: int = 0) -> str:
+    """One trace line in words: 'line 12  +3.120us cpu1 tid1003 get_return key=k.. slot=3 status=0'."""
+    parts = [f"line {e.line:<6}", f"+{(e.t - t0) / 1000:.3f}us", f"cpu{e.cpu}", f"tid{e.tid}", e.kind.name]
+    for name in ("key", "slot", "result", "num_slots", "count"):
+        v = getattr(e, name)
+        if v is not None:
+            label = "status" if name == "result" and e.kind.name == "get_return" else name
+            parts.append(f"{label}={v}")
+    return " ".join(parts)
+
+
+def describe_op(rec: OpRecord) -> str:
+    op = rec.op
+    if rec.kind == "get":
+        return f"get {op.key}"
+    if rec.kind == "put":
+        return f"put slot {op.slot}"
+    if rec.kind == "evict":
+        return f"evict {op.key}"
+    return "reprogram_all"
+
+
+def observed(rec: OpRecord) -> str:
+    op = rec.op
+    if rec.kind == "get":
+        prog = "" if op.program is None else f" after programming slot {op.program.slot} (result {op.program.result})"
+        if op.status == 0:
+            return ("success, no slot" if op.slot is None else f"slot {op.slot}") + (prog or " without programming (a hit)")
+        return f"status {op.status}{prog}"
+    if rec.kind == "evict":
+        drv = "" if op.drv is None else f" after the driver's evict of slot {op.drv.slot} (result {op.drv.result})"
+        return f"result {op.result}{drv or ' without calling the driver'}"
+    if rec.kind == "reprogram":
+        return ", ".join(f"program slot {p.slot} ({p.key})" for p in op.programs) or "no program calls"
+    return "put"
+
+
+def _profile_name(p: ProfileResult) -> str:
+    kind = "passthrough" if p.num_slots == 0 else (f"{p.num_slots} slots" if p.num_slots is not None else "slots unknown")
+    return f"{p.profile} ({p.device + ', ' if p.device else ''}{kind})"
+
+
+def render(result: Result, console: Console) -> None:
+    verdict = Text(result.verdict.name, style=_STYLE[result.verdict])
+    console.print(Text.assemble(verdict, f"  semantics {result.flavour}, {result.events:,} events, "
+                                         f"{len(result.profiles)} profile(s)"
+                                + (f", {result.lost:,} events lost" if result.lost else "")))
+    for p in result.profiles:
+        line = Text.assemble(("  " + p.verdict.name.ljust(9), _STYLE[p.verdict]), _profile_name(p),
+                             f": {p.ops_checked:,} operations checked")
+        if p.started_unknown:
+            line.append(", started mid-stream (unknown initial state)")
+        if p.max_inflight > 1:
+            line.append(f", up to {p.max_inflight} in flight")
+        console.print(line)
+        if p.unknown_reason:
+            console.print(f"      why unknown: {p.unknown_reason}")
+    d = result.divergence
+    if d is not None:
+        _render_divergence(d, console)
+
+
+def _render_divergence(d: Divergence, console: Console) -> None:
+    rec = d.op
+    first = rec.call or rec.ret
+    console.print()
+    console.print(Text(f"First operation the model cannot explain: {describe_op(rec)}", style="bold"),
+                  f"(line {first.line}-{rec.line}, cpu {rec.cpu}, tid {rec.tid})")
+    console.print(Text("  ") + Text(d.reason, style="red"))
+    console.print(f"  observed:      {observed(rec)}")
+    console.print(f"  model allows:  {'; '.join(d.allowed)}")
+    console.print("  model state before it:")
+    for s in d.state_before:
+        console.print(f"    {s}")
+    if d.inflight:
+        console.print("  overlapping operations tried in every order: "
+                      + ", ".join(f"{describe_op(r)} (line {r.line})" for r in d.inflight))
+    if d.preceding:
+        console.print("  events leading up to it:")
+        t0 = d.preceding[0].t
+        for e in d.preceding:
+            console.print(f"    {describe_event(e, t0)}", markup=False, highlight=False)
+
+
+def to_json(result: Result) -> dict[str, Any]:
+    def div(d: Divergence | None):
+        if d is None:
+            return None
+        rec = d.op
+        return {
+            "operation": describe_op(rec),
+            "call_line": rec.call.line if rec.call else None,
+            "return_line": rec.ret.line if rec.ret else None,
+            "t": (rec.ret or rec.call).t,
+            "cpu": rec.cpu,
+            "tid": rec.tid,
+            "reason": d.reason,
+            "observed": observed(rec),
+            "model_allows": d.allowed,
+            "state_before": d.state_before,
+            "overlapping": [{"operation": describe_op(r), "line": r.line} for r in d.inflight],
+            "preceding_lines": [e.line for e in d.preceding],
+        }
+
+    return {
+        "verdict": result.verdict.name,
+        "exit_code": int(result.verdict),
+        "semantics": result.flavour,
+        "events": result.events,
+        "lost_events": result.lost,
+        "profiles": [
+            {
+                "id": p.profile,
+                "device": p.device,
+                "num_slots": p.num_slots,
+                "verdict": p.verdict.name,
+                "operations_checked": p.ops_checked,
+                "started_unknown": p.started_unknown,
+                "max_in_flight": p.max_inflight,
+                "resyncs": p.resyncs,
+                "unknown_reason": p.unknown_reason,
+                "divergence": div(p.divergence),
+            }
+            for p in result.profiles
+        ],
+    }

@@ -1,0 +1,305 @@
+"""Trace format v1: NDJSON reader and writer (the contract: docs/trace-format.md).
+
+A trace is one header line followed by one event per line. The reader turns
+every problem into a TraceFormatError naming the file and line, so that the
+CLI can print one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from dataclasses import dataclass, field
+from typing import IO, Any, NamedTuple
+
+import orjson
+
+from probes.events import NO_SLOT, EventKind
+
+FORMAT_NAME = "keyslot-trace"
+FORMAT_VERSION = "1.0"
+MAJOR_VERSION = 1
+
+#: Kernel API generations (docs/trace-format.md, reference §2-§4).
+API_GENERATIONS = ("blk_crypto", "blk_ksm", "keyslot_manager")
+#: Semantics flavours: which reference model applies (replay/model.py).
+SEMANTICS = ("mainline-keep", "mainline-unlink", "android")
+
+
+class TraceFormatError(Exception):
+    """A trace that cannot be read. str() is one line: 'FILE:LINE: problem'."""
+
+    def __init__(self, path: str, line: int | None, message: str):
+        self.path, self.line, self.message = path, line, message
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class ProfileInfo:
+    id: str
+    num_slots: int
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class Header:
+    kernel: str
+    api: str
+    semantics: str
+    tool: str = ""
+    host: str = ""
+    start_time: str = ""
+    clock: str = "CLOCK_MONOTONIC"
+    profiles: tuple[ProfileInfo, ...] = ()
+    #: anything else the producer recorded (probes attached, workload, ...)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "tool": self.tool,
+            "kernel": self.kernel,
+            "api": self.api,
+            "semantics": self.semantics,
+            "clock": self.clock,
+            "host": self.host,
+            "start_time": self.start_time,
+            "profiles": [
+                {k: v for k, v in dataclasses.asdict(p).items() if v is not None}
+                for p in self.profiles
+            ],
+            **self.extra,
+        }
+
+
+class Event(NamedTuple):
+    """One decoded trace line. Fields a kind does not use are None."""
+
+    t: int
+    cpu: int
+    tid: int
+    kind: EventKind
+    profile: str | None
+    key: str | None = None
+    slot: int | None = None
+    result: int | None = None  # status (get_return) or result (*_return)
+    num_slots: int | None = None  # profile_init
+    count: int | None = None  # lost
+    device: str | None = None  # profile_init
+    line: int = 0
+
+
+# Fields each kind must carry, beyond t/cpu/tid/ev/p. "?" marks nullable fields.
+_REQUIRED: dict[EventKind, tuple[str, ...]] = {
+    EventKind.profile_init: ("num_slots",),
+    EventKind.profile_destroy: (),
+    EventKind.get_call: ("key",),
+    EventKind.get_return: ("key", "status", "slot?"),
+    EventKind.put_call: ("slot?",),
+    EventKind.put_return: ("slot?",),
+    EventKind.evict_call: ("key",),
+    EventKind.evict_return: ("key", "result"),
+    EventKind.program_call: ("key", "slot"),
+    EventKind.program_return: ("key", "slot", "result"),
+    EventKind.drv_evict_call: ("key?", "slot"),
+    EventKind.drv_evict_return: ("key?", "slot", "result"),
+    EventKind.reprogram_call: (),
+    EventKind.reprogram_return: (),
+    EventKind.lost: ("count",),
+}
+_FIELD_TYPES = {
+    "num_slots": int,
+    "key": str,
+    "status": int,
+    "slot": int,
+    "result": int,
+    "count": int,
+}
+_KINDS_BY_NAME = {k.name: k for k in EventKind}
+
+
+@dataclass
+class Trace:
+    path: str
+    header: Header
+    events: list[Event]
+
+
+def _parse_header(path: str, obj: Any) -> Header:
+    if not isinstance(obj, dict) or "format" not in obj:
+        what = f"event '{obj.get('ev')}'" if isinstance(obj, dict) and "ev" in obj else "no header"
+        raise TraceFormatError(path, 1, f"expected the trace header first, found {what}")
+    if obj["format"] != FORMAT_NAME:
+        raise TraceFormatError(path, 1, f"not a keyslot-trace file (format {obj['format']!r})")
+    version = str(obj.get("version", ""))
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        raise TraceFormatError(path, 1, f"unreadable format version {version!r}") from None
+    if major != MAJOR_VERSION:
+        raise TraceFormatError(
+            path, 1, f"trace format version {version} is not supported (this tool reads {MAJOR_VERSION}.x)"
+        )
+    api, semantics = obj.get("api"), obj.get("semantics")
+    if api not in API_GENERATIONS:
+        raise TraceFormatError(path, 1, f"header: unknown api {api!r} (expected one of {', '.join(API_GENERATIONS)})")
+    if semantics not in SEMANTICS:
+        raise TraceFormatError(path, 1, f"header: unknown semantics {semantics!r} (expected one of {', '.join(SEMANTICS)})")
+    profiles = []
+    for p in obj.get("profiles") or ():
+        if not isinstance(p, dict) or not isinstance(p.get("id"), str) or not isinstance(p.get("num_slots"), int):
+            raise TraceFormatError(path, 1, f"header: bad profile entry {p!r} (needs id and num_slots)")
+        profiles.append(ProfileInfo(p["id"], p["num_slots"], p.get("device")))
+    known = {"format", "version", "tool", "kernel", "api", "semantics", "clock", "host", "start_time", "profiles"}
+    return Header(
+        kernel=str(obj.get("kernel", "")),
+        api=api,
+        semantics=semantics,
+        tool=str(obj.get("tool", "")),
+        host=str(obj.get("host", "")),
+        start_time=str(obj.get("start_time", "")),
+        clock=str(obj.get("clock", "CLOCK_MONOTONIC")),
+        profiles=tuple(profiles),
+        extra={k: v for k, v in obj.items() if k not in known},
+    )
+
+
+# kind -> ((field, type, nullable), ...), precomputed: this runs once per line
+_SPECS = {
+    kind: tuple((f.rstrip("?"), _FIELD_TYPES[f.rstrip("?")], f.endswith("?")) for f in fields)
+    for kind, fields in _REQUIRED.items()
+}
+_EVENT_FIELD = {"key": 5, "slot": 6, "status": 7, "result": 7, "num_slots": 8, "count": 9}
+
+
+def _parse_event(path: str, lineno: int, obj: Any) -> Event:
+    try:
+        kind = _KINDS_BY_NAME[obj["ev"]]
+        t, cpu, tid = obj["t"], obj["cpu"], obj["tid"]
+    except (KeyError, TypeError):
+        kind = t = None
+    if kind is None or type(t) is not int or type(cpu) is not int or type(tid) is not int or min(t, cpu, tid) < 0:
+        _explain_bad_event(path, lineno, obj)
+    profile = obj.get("p")
+    if type(profile) is not str and kind is not EventKind.lost:
+        raise TraceFormatError(path, lineno, f"{kind.name}: missing profile id 'p'")
+    values: list[Any] = [t, cpu, tid, kind, profile, None, None, None, None, None, None, lineno]
+    for fname, ftype, nullable in _SPECS[kind]:
+        v = obj.get(fname, _MISSING)
+        if type(v) is not ftype:
+            if v is None and nullable:
+                continue
+            if v is _MISSING:
+                raise TraceFormatError(path, lineno, f"{kind.name}: missing field {fname!r}")
+            raise TraceFormatError(path, lineno, f"{kind.name}: field {fname!r} must be {ftype.__name__}, got {v!r}")
+        values[_EVENT_FIELD[fname]] = v
+    slot = values[6]
+    if slot is not None and slot < NO_SLOT:
+        raise TraceFormatError(path, lineno, f"{kind.name}: slot {slot} is out of range")
+    if kind is EventKind.profile_init:
+        if values[8] < 0:
+            raise TraceFormatError(path, lineno, "profile_init: num_slots must be >= 0")
+        device = obj.get("device")
+        values[10] = device if isinstance(device, str) else None
+    return _new_event(Event, values)
+
+
+_MISSING = object()
+_new_event = tuple.__new__
+
+
+def _explain_bad_event(path: str, lineno: int, obj: Any) -> None:
+    """The slow path: say exactly what is wrong with a line that is not a valid event."""
+    if not isinstance(obj, dict):
+        raise TraceFormatError(path, lineno, "an event must be a JSON object")
+    name = obj.get("ev")
+    if not isinstance(name, str) or name not in _KINDS_BY_NAME:
+        if "format" in obj:
+            raise TraceFormatError(path, lineno, "a second header in the middle of the trace")
+        raise TraceFormatError(path, lineno, f"unknown event kind {name!r}")
+    for common in ("t", "cpu", "tid"):
+        v = obj.get(common)
+        if type(v) is not int or v < 0:
+            raise TraceFormatError(path, lineno, f"{name}: field {common!r} must be a non-negative integer, got {v!r}")
+    raise TraceFormatError(path, lineno, f"{name}: malformed event")
+
+
+def read_trace(path: str | os.PathLike) -> Trace:
+    """Read and validate a whole trace. Events are returned sorted by time."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise TraceFormatError(path, None, e.strerror or str(e)) from None
+    return parse_trace(data, path)
+
+
+def parse_trace(data: bytes, path: str = "<trace>") -> Trace:
+    if not data.strip():
+        raise TraceFormatError(path, None, "empty file: no trace header")
+    if b"\0" in data[:4096]:
+        raise TraceFormatError(path, None, "binary data, not an NDJSON trace")
+    lines = data.split(b"\n")
+    truncated_tail = not data.endswith(b"\n")
+    header: Header | None = None
+    events: list[Event] = []
+    loads = orjson.loads
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = loads(raw)
+        except orjson.JSONDecodeError as e:
+            if truncated_tail and lineno == len(lines):
+                raise TraceFormatError(path, lineno, "truncated last line (the recording was cut off)") from None
+            if b"\0" in raw or not _is_text(raw):
+                raise TraceFormatError(path, lineno, "binary data, not an NDJSON trace") from None
+            raise TraceFormatError(path, lineno, f"malformed JSON: {e.args[0].split(':')[0]}") from None
+        if header is None:
+            header = _parse_header(path, obj)
+            continue
+        events.append(_parse_event(path, lineno, obj))
+    assert header is not None
+    # The recorder writes in arrival order, which can differ slightly across
+    # CPUs. Sort by time; calls sort before returns at equal time, which
+    # makes equal-time operations overlap (the conservative choice).
+    if any(a.t > b.t for a, b in zip(events, events[1:])):
+        events.sort(key=lambda e: e.t)
+    return Trace(path, header, events)
+
+
+def _is_text(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class TraceWriter:
+    """Writes a format-v1 trace line by line (used by simulate and record)."""
+
+    def __init__(self, out: IO[bytes], header: Header):
+        self._out = out
+        self._out.write(orjson.dumps(header.to_json()) + b"\n")
+
+    def write(self, ev: str, t: int, cpu: int, tid: int, p: str | None, **fields: Any) -> None:
+        record = {"t": t, "cpu": cpu, "tid": tid, "ev": ev, "p": p}
+        record.update(fields)
+        self._out.write(orjson.dumps(record) + b"\n")
+
+    def flush(self) -> None:
+        self._out.flush()
+
+
+def dumps_events(header: Header, records: list[dict[str, Any]]) -> bytes:
+    """Serialise a header and event dicts (tests and mutation helpers)."""
+    buf = io.BytesIO()
+    buf.write(orjson.dumps(header.to_json()) + b"\n")
+    for r in records:
+        buf.write(orjson.dumps(r) + b"\n")
+    return buf.getvalue()

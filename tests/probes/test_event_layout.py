@@ -1,0 +1,50 @@
+"""probes/keyslot_events.h and probes/events.py describe the same bytes."""
+
+import ctypes
+import shutil
+import subprocess
+
+import pytest
+
+from probes.events import HEADER_NAME, EventKind, RawEvent, header_text
+
+C_PROGRAM = r"""
+#include <stddef.h>
+#include <stdio.h>
+#include <linux/types.h>
+#include "keyslot_events.h"
+#define PRINT_KIND(name, value, trace_name) printf("kind %s %d\n", #trace_name, name);
+#define F(field) printf("field %s %zu %zu\n", #field, offsetof(struct ks_event, field), sizeof(((struct ks_event *)0)->field));
+int main(void) {
+    printf("size %zu\n", sizeof(struct ks_event));
+    F(ts_ns) F(profile) F(key) F(aux) F(kind) F(cpu) F(tid) F(tgid) F(slot) F(result)
+    KS_EVENT_KINDS(PRINT_KIND)
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def c_view(tmp_path_factory):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc, "a C compiler is needed to check the event layout (install gcc)"
+    d = tmp_path_factory.mktemp("layout")
+    (d / HEADER_NAME).write_text(header_text())
+    (d / "layout.c").write_text(C_PROGRAM)
+    subprocess.run([cc, "-Wall", "-Werror", "-I", str(d), "-o", str(d / "layout"), str(d / "layout.c")], check=True)
+    out = subprocess.run([str(d / "layout")], check=True, capture_output=True, text=True).stdout
+    return [line.split() for line in out.splitlines()]
+
+
+def test_struct_layout_matches(c_view):
+    size = next(int(x[1]) for x in c_view if x[0] == "size")
+    assert size == ctypes.sizeof(RawEvent)
+    fields = {x[1]: (int(x[2]), int(x[3])) for x in c_view if x[0] == "field"}
+    assert list(fields) == [f for f, _ in RawEvent._fields_]
+    for name, ctype in RawEvent._fields_:
+        assert fields[name] == (getattr(RawEvent, name).offset, ctypes.sizeof(ctype)), name
+
+
+def test_event_kinds_match(c_view):
+    kinds = {x[1]: int(x[2]) for x in c_view if x[0] == "kind"}
+    assert kinds == {k.name: k.value for k in EventKind}

@@ -1,0 +1,127 @@
+"""Trace format v1: bad input gets one clear line naming file and line."""
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from replay.checker import Verdict, check
+from replay.trace import Header, TraceFormatError, dumps_events, parse_trace, read_trace
+from tests.conftest import sim_bytes
+
+HEADER = orjson.dumps({"format": "keyslot-trace", "version": "1.0", "kernel": "6.1", "api": "blk_crypto",
+                       "semantics": "mainline-unlink"}) + b"\n"
+EV = b'{"t":1,"cpu":0,"tid":5,"ev":"get_call","p":"p1","key":"k1"}\n'
+
+
+def err(data: bytes) -> TraceFormatError:
+    with pytest.raises(TraceFormatError) as e:
+        parse_trace(data, "x.ndjson")
+    return e.value
+
+
+@pytest.mark.parametrize("data,line,words", [
+    (b"", None, "empty file"),
+    (b"\n\n", None, "empty file"),
+    (b"\x00\x01\x02garbage", None, "binary data"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", None, "binary data"),
+    (EV + HEADER, 1, "expected the trace header first, found event 'get_call'"),
+    (b"[1,2]\n", 1, "expected the trace header first"),
+    (HEADER.replace(b'"1.0"', b'"2.0"'), 1, "version 2.0 is not supported"),
+    (HEADER.replace(b"keyslot-trace", b"other"), 1, "not a keyslot-trace file"),
+    (HEADER.replace(b"blk_crypto", b"blk_foo"), 1, "unknown api"),
+    (HEADER + EV + b'{"t":2,"cpu":0,"tid":5,"ev":"get_fly","p":"p1"}\n', 3, "unknown event kind 'get_fly'"),
+    (HEADER + b'{"t":2,"cpu":0,\n' + EV, 2, "malformed JSON"),
+    (HEADER + EV + b'{"t":2,"cpu":0,"tid":5,"ev":"get_ret', 3, "truncated last line"),
+    (HEADER + b'{"t":-1,"cpu":0,"tid":5,"ev":"get_call","p":"p1","key":"k1"}\n', 2, "'t' must be a non-negative"),
+    (HEADER + b'{"t":1,"cpu":0,"tid":5,"ev":"get_call","p":"p1"}\n', 2, "missing field 'key'"),
+    (HEADER + b'{"t":1,"cpu":0,"tid":5,"ev":"put_call","p":"p1","slot":"3"}\n', 2, "'slot' must be int"),
+    (HEADER + b'{"t":1,"cpu":0,"tid":5,"ev":"put_call","slot":3}\n', 2, "missing profile id"),
+    (HEADER + HEADER, 2, "second header"),
+])
+def test_bad_input_is_one_line(data, line, words):
+    e = err(data)
+    assert e.line == line
+    assert words in str(e)
+    assert "\n" not in str(e)
+    assert str(e).startswith("x.ndjson" + (f":{line}" if line else ""))
+
+
+def test_missing_file():
+    with pytest.raises(TraceFormatError, match="No such file"):
+        read_trace("/nonexistent/trace.ndjson")
+
+
+def test_round_trip_and_minor_versions_are_accepted():
+    h = Header(kernel="6.1.192", api="blk_crypto", semantics="mainline-keep", extra={"probes": ["get"]})
+    data = dumps_events(h, [{"t": 5, "cpu": 1, "tid": 2, "ev": "put_call", "p": "p1", "slot": None}])
+    t = parse_trace(data.replace(b'"1.0"', b'"1.7"'))
+    assert t.header.semantics == "mainline-keep" and t.header.extra == {"probes": ["get"]}
+    assert t.events[0].slot is None and t.events[0].line == 2
+
+
+def test_events_are_sorted_by_time_keeping_lines():
+    data = HEADER + b'{"t":9,"cpu":1,"tid":5,"ev":"get_call","p":"p1","key":"k1"}\n' + EV
+    t = parse_trace(data)
+    assert [e.t for e in t.events] == [1, 9] and [e.line for e in t.events] == [3, 2]
+
+
+VALID, _ = sim_bytes(threads=3, slots=2, keys=5, requests=60, evict_rate=0.1, passthrough=1)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=400))
+def test_fuzz_random_bytes(data):
+    try:
+        parse_trace(data)
+    except TraceFormatError as e:
+        assert "\n" not in str(e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_valid_trace(data):
+    """Flip, cut or splice bytes of a valid trace: either a clean error, or a trace the checker can judge."""
+    raw = bytearray(VALID)
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "cut", "dup"]))
+        i = data.draw(st.integers(0, len(raw) - 1))
+        if op == "flip":
+            raw[i] = data.draw(st.integers(0, 255))
+        elif op == "cut":
+            del raw[i:i + data.draw(st.integers(1, 80))]
+        else:
+            j = data.draw(st.integers(0, len(raw) - 1))
+            raw[j:j] = raw[i:i + 60]
+    try:
+        trace = parse_trace(bytes(raw))
+    except TraceFormatError as e:
+        assert "\n" not in str(e)
+        return
+    assert check(trace).verdict in set(Verdict)
+
+
+EVENT = st.fixed_dictionaries({
+    "t": st.integers(0, 50), "cpu": st.integers(0, 3), "tid": st.integers(1, 3),
+    "ev": st.sampled_from(["get_call", "get_return", "put_call", "put_return", "evict_call", "evict_return",
+                           "program_call", "program_return", "drv_evict_call", "drv_evict_return",
+                           "reprogram_call", "reprogram_return", "lost", "profile_init"]),
+    "p": st.sampled_from(["pa", "pb"]), "key": st.sampled_from(["k1", "k2", "k3"]),
+    "slot": st.one_of(st.none(), st.integers(-1, 3)), "status": st.sampled_from([0, 10]),
+    "result": st.sampled_from([0, -16, -5]), "num_slots": st.integers(0, 3), "count": st.integers(1, 5),
+})
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(EVENT, max_size=40))
+def test_fuzz_checker_on_arbitrary_event_sequences(events):
+    """Well-formed lines in any order and combination never crash the checker."""
+    for e in events:
+        if e["ev"] in ("program_call", "program_return", "drv_evict_call", "drv_evict_return") and e["slot"] is None:
+            e["slot"] = 0
+    h = Header(kernel="x", api="blk_crypto", semantics="mainline-unlink")
+    try:
+        trace = parse_trace(dumps_events(h, events))
+    except TraceFormatError:
+        return
+    assert check(trace).verdict in set(Verdict)

@@ -1,0 +1,82 @@
+"""The command line, run in-process: exit codes, one-line errors, help."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from replay.simulate import INJECTIONS
+from tracer.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_simulate_then_replay_agrees(tmp_path):
+    out = tmp_path / "t.ndjson"
+    r = run("simulate", "-o", str(out), "--requests", "300", "--slots", "2", "--threads", "4")
+    assert r.exit_code == 0, r.output
+    r = run("replay", str(out))
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("AGREE")
+
+
+def test_inject_diverges_with_json(tmp_path):
+    out = tmp_path / "bad.ndjson"
+    assert run("simulate", "-o", str(out), "--inject", "wrong-victim", "--requests", "500").exit_code == 0
+    r = run("replay", "--json", str(out))
+    assert r.exit_code == 1
+    doc = json.loads(r.stdout)
+    assert doc["verdict"] == "DIVERGED" and doc["exit_code"] == 1
+    d = doc["profiles"][0]["divergence"]
+    assert "LRU head" in d["reason"] and d["call_line"] > 1 and d["state_before"]
+
+
+def test_human_divergence_report(tmp_path):
+    out = tmp_path / "bad.ndjson"
+    run("simulate", "-o", str(out), "--inject", "busy-evict-succeeds", "--requests", "500")
+    r = run("replay", str(out))
+    assert r.exit_code == 1
+    assert "First operation the model cannot explain: evict" in r.output
+    assert "expected -EBUSY" in r.output and "model state before it" in r.output
+
+
+def test_unknown_exit_code(tmp_path):
+    out = tmp_path / "t.ndjson"
+    run("simulate", "-o", str(out), "--requests", "200", "--threads", "8", "--slots", "2")
+    r = run("replay", "--budget", "1", str(out))
+    assert r.exit_code == 3 and r.output.startswith("UNKNOWN")
+
+
+@pytest.mark.parametrize("content,line", [(b"", None), (b"\x00\x00\x00", None), (b'{"ev":"get_call"}\n', 1)])
+def test_bad_input_one_line_exit_2(tmp_path, content, line):
+    p = tmp_path / "bad.ndjson"
+    p.write_bytes(content)
+    r = run("replay", str(p))
+    assert r.exit_code == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.output
+    assert f"{p}:{line}:" in r.stderr if line else f"{p}:" in r.stderr
+
+
+def test_missing_file_exit_2(tmp_path):
+    r = run("replay", str(tmp_path / "nope.ndjson"))
+    assert r.exit_code == 2 and "No such file" in r.stderr
+
+
+def test_worst_verdict_wins(tmp_path):
+    good, bad = tmp_path / "good.ndjson", tmp_path / "bad.ndjson"
+    run("simulate", "-o", str(good), "--requests", "200")
+    run("simulate", "-o", str(bad), "--requests", "500", "--inject", "hit-evicted")
+    assert run("replay", str(good), str(bad)).exit_code == 1
+
+
+def test_simulate_help_lists_every_injection():
+    r = run("simulate", "--help")
+    for kind in INJECTIONS:
+        assert kind in r.output
+
+
+def test_every_command_is_documented():
+    for name, cmd in cli.commands.items():
+        assert cmd.help and "Example" in cmd.help, name

@@ -1,0 +1,37 @@
+"""The README and the format document stay true."""
+
+import re
+from pathlib import Path
+
+from replay.checker import Verdict, check
+from replay.trace import read_trace
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
+    blocks = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) == 2
+    assert blocks[1].strip() == "tests/run"
+    assert "tests/run" in (ROOT / ".ci/run").read_text()
+
+
+def test_format_document_example_is_the_example_file():
+    doc = (ROOT / "docs/trace-format.md").read_text().split("## Example", 1)[1]
+    lines = [x for x in doc.splitlines() if x.startswith("{")]
+    assert lines == (ROOT / "examples/format-example.ndjson").read_text().splitlines()
+
+
+def test_every_event_kind_is_documented():
+    from probes.events import EventKind
+
+    doc = (ROOT / "docs/trace-format.md").read_text()
+    for k in EventKind:
+        assert f"`{k.name}`" in doc or f"`{k.name.rsplit('_', 1)[0]}_call` / `{k.name}`" in doc, k.name
+
+
+def test_examples_agree():
+    examples = sorted((ROOT / "examples").glob("*.ndjson"))
+    assert examples
+    for path in examples:
+        assert check(read_trace(path)).verdict is Verdict.AGREE, path
