@@ -217,9 +217,13 @@ def step(state: State, op: Op, flavour: str) -> Step:
     if isinstance(op, Get):
         return _step_get(state, op, flavour)
     if isinstance(op, Put):
+        if op.incomplete:  # it may have taken effect before the events around it were lost
+            return _ok(*dict.fromkeys((state, *_step_put(state, op._replace(incomplete=False)).states)))
         return _step_put(state, op)
     if isinstance(op, Evict):
         return _step_evict(state, op, flavour)
+    if op.incomplete:  # reprogram changes nothing; what it saw may predate lost events: learn nothing
+        return _ok(state)
     return _step_reprogram(state, op)
 
 
@@ -345,8 +349,6 @@ def _step_put(state: State, op: Put) -> Step:
     if m == BOUNDED:
         return _ok(replace(state, refs=_set(state.refs, s, max(0, r - 1))))
     if r == 0:
-        if op.incomplete:
-            return _ok(state)
         return _bad(f"put of slot {s}, whose refcount is already 0 ({_key_name(state.keys[s])}, idle)")
     lru = state.lru + (s,) if r == 1 else state.lru
     return _ok(State(state.keys, _set(state.refs, s, r - 1), state.modes, lru, state.gone))
@@ -453,9 +455,9 @@ def _step_reprogram(state: State, op: Reprogram) -> Step:
         if k == UNK:
             if p is not None:
                 keys[s] = p.key  # learn the slot's content
-            elif not op.incomplete:
+            else:
                 keys[s] = None  # not reprogrammed, so it holds no key
-        elif p is None and k is not None and not op.incomplete:
+        elif p is None and k is not None:
             return _bad(f"reprogram_all skipped slot {s}, which holds {k}")
         elif p is not None and p.key != k:
             return _bad(f"reprogram_all programmed slot {s} with {p.key}, but slot {s} holds {_key_name(k)}")
