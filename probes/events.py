@@ -15,6 +15,8 @@ from importlib import resources
 
 HEADER_NAME = "keyslot_events.h"
 NO_SLOT = -1
+NAME_LEN = 32
+PROFILE_IS_FALLBACK = 1
 
 _KIND_ENTRY = re.compile(r"^\s*X\((KS_\w+),\s*(\d+),\s*(\w+)\)", re.MULTILINE)
 
@@ -48,4 +50,5 @@ class RawEvent(ctypes.Structure):
         ("tgid", ctypes.c_uint32),
         ("slot", ctypes.c_int32),
         ("result", ctypes.c_int32),
+        ("name", ctypes.c_char * NAME_LEN),
     ]

@@ -27,7 +27,9 @@
 	X(KS_DRV_EVICT_RETURN, 12, drv_evict_return) \
 	X(KS_REPROGRAM_CALL,   13, reprogram_call) \
 	X(KS_REPROGRAM_RETURN, 14, reprogram_return) \
-	X(KS_LOST,             15, lost)
+	X(KS_LOST,             15, lost) \
+	X(KS_PROFILE_REGISTER, 16, profile_register) \
+	X(KS_PROFILE_ATTACH,   17, profile_attach)
 
 #define KS_ENUM_ENTRY(name, value, trace_name) name = value,
 enum ks_event_kind { KS_EVENT_KINDS(KS_ENUM_ENTRY) };
@@ -35,6 +37,11 @@ enum ks_event_kind { KS_EVENT_KINDS(KS_ENUM_ENTRY) };
 
 /* slot value meaning "no slot": passthrough, a failed get, or a put of NULL */
 #define KS_NO_SLOT (-1)
+
+/* PROFILE_INIT result flags */
+#define KS_PROFILE_IS_FALLBACK 1 /* the blk-crypto-fallback profile */
+
+#define KS_NAME_LEN 32 /* DISK_NAME_LEN */
 
 /*
  * One fixed-size record per kernel event. 64-bit fields first so that the
@@ -46,17 +53,19 @@ struct ks_event {
 	__u64 ts_ns;    /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, nanoseconds */
 	__u64 profile;  /* struct blk_crypto_profile * / blk_keyslot_manager * */
 	__u64 key;      /* struct blk_crypto_key * (key identity; bytes never read) */
-	__u64 aux;      /* PROFILE_INIT: num_slots */
+	__u64 aux;      /* num_slots of the profile (PROFILE_INIT and every *_CALL) */
 	__u32 kind;     /* enum ks_event_kind */
 	__u32 cpu;
 	__u32 tid;      /* kernel pid = thread id */
 	__u32 tgid;
 	__s32 slot;     /* slot index, or KS_NO_SLOT */
-	__s32 result;   /* *_RETURN: blk_status_t (get, mainline) or -errno */
+	__s32 result;   /* *_RETURN: blk_status_t (get, mainline) or -errno;
+	                   PROFILE_INIT: KS_PROFILE_* flags */
+	char name[KS_NAME_LEN]; /* PROFILE_REGISTER: disk name */
 };
 
 #ifndef __BPF__
-_Static_assert(sizeof(struct ks_event) == 56, "struct ks_event layout changed");
+_Static_assert(sizeof(struct ks_event) == 88, "struct ks_event layout changed");
 #endif
 
 #endif /* KEYSLOT_EVENTS_H */

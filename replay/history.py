@@ -113,6 +113,14 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
             h.num_slots, h.from_start = ev.num_slots, True
             h.device = ev.device or h.device
             h.points.append((ev.t, 0, INIT, ev))
+        elif kind is EventKind.profile_attach:
+            # A profile that existed before recording started: its slot
+            # count is known, its state is not (attach anytime).
+            if h.num_slots is None:
+                h.num_slots = ev.num_slots
+            h.device = ev.device or h.device
+        elif kind is EventKind.profile_register:
+            h.device = ev.device
         elif kind is EventKind.profile_destroy:
             h.points.append((ev.t, 1, DESTROY, ev))
         elif kind in _OPENERS:

@@ -88,7 +88,7 @@ class Event(NamedTuple):
     result: int | None = None  # status (get_return) or result (*_return)
     num_slots: int | None = None  # profile_init
     count: int | None = None  # lost
-    device: str | None = None  # profile_init
+    device: str | None = None  # profile_init, profile_attach, profile_register
     line: int = 0
 
 
@@ -109,6 +109,8 @@ _REQUIRED: dict[EventKind, tuple[str, ...]] = {
     EventKind.reprogram_call: (),
     EventKind.reprogram_return: (),
     EventKind.lost: ("count",),
+    EventKind.profile_register: ("device",),
+    EventKind.profile_attach: ("num_slots",),
 }
 _FIELD_TYPES = {
     "num_slots": int,
@@ -117,6 +119,7 @@ _FIELD_TYPES = {
     "slot": int,
     "result": int,
     "count": int,
+    "device": str,
 }
 _KINDS_BY_NAME = {k.name: k for k in EventKind}
 
@@ -172,7 +175,7 @@ _SPECS = {
     kind: tuple((f.rstrip("?"), _FIELD_TYPES[f.rstrip("?")], f.endswith("?")) for f in fields)
     for kind, fields in _REQUIRED.items()
 }
-_EVENT_FIELD = {"key": 5, "slot": 6, "status": 7, "result": 7, "num_slots": 8, "count": 9}
+_EVENT_FIELD = {"key": 5, "slot": 6, "status": 7, "result": 7, "num_slots": 8, "count": 9, "device": 10}
 
 
 def _parse_event(path: str, lineno: int, obj: Any) -> Event:
@@ -199,9 +202,9 @@ def _parse_event(path: str, lineno: int, obj: Any) -> Event:
     slot = values[6]
     if slot is not None and slot < NO_SLOT:
         raise TraceFormatError(path, lineno, f"{kind.name}: slot {slot} is out of range")
-    if kind is EventKind.profile_init:
+    if kind is EventKind.profile_init or kind is EventKind.profile_attach:
         if values[8] < 0:
-            raise TraceFormatError(path, lineno, "profile_init: num_slots must be >= 0")
+            raise TraceFormatError(path, lineno, f"{kind.name}: num_slots must be >= 0")
         device = obj.get("device")
         values[10] = device if isinstance(device, str) else None
     return _new_event(Event, values)

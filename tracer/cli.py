@@ -179,6 +179,111 @@ def simulate(output: str, inject: str | None, **workload) -> None:
         click.echo(f"injected {inject} at line {injected.line} (slot {injected.slot})", err=True)
 
 
+EXIT_CANNOT_TRACE = 1
+
+
+# Hidden until it is proven on the test kernel (tests/kernel).
+@cli.command(hidden=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
+              help="Trace file to write (format v1 NDJSON).")
+@click.option("--duration", type=click.FloatRange(min=0), help="Stop after this many seconds (default: Ctrl-C).")
+@click.option("--semantics", type=click.Choice(["mainline-keep", "mainline-unlink", "android"]),
+              help="Semantics to write in the header (default: detected from the kernel's symbols).")
+@click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and its flags, and exit.")
+def record(output: str, duration: float | None, semantics: str | None, ebpf: bool) -> None:
+    """Record the kernel's keyslot-manager events into a trace (root, bcc).
+
+    Probes are chosen from /proc/kallsyms and tracefs for this kernel's API
+    generation (blk_crypto_* on 5.16+, blk_ksm_* on 5.8-5.15); the list of
+    what was attached and what was skipped, and why, goes to stderr and into
+    the trace header. Ctrl-C (or SIGTERM) stops, detaches every probe and
+    leaves a complete file.
+
+    \b
+    Example:
+      sudo keyslot-trace record -o trace.ndjson --duration 30
+      keyslot-trace replay trace.ndjson
+    """
+    from tracer.probes import ProbeError
+    from tracer.record import Recorder, bpf_source, check_privileges, describe, import_bcc, prepare
+
+    try:
+        check_privileges()
+        setup = prepare(semantics=semantics)
+        if ebpf:
+            click.echo(f"// cflags: {' '.join(setup.cflags)}\n{bpf_source()}")
+            return
+        import_bcc()
+        with open(output, "wb") as out:
+            rec = Recorder(out, setup)
+            seconds = rec.attach()
+            for line in describe(setup.attachments):
+                click.echo(line, err=True)
+            click.echo(f"{setup.generation} API, {setup.semantics} semantics; compiled and attached in "
+                       f"{seconds:.1f}s; recording to {output}" + ("" if duration else " (Ctrl-C to stop)"), err=True)
+            counts = rec.run(duration)
+    except ProbeError as e:
+        click.echo(f"keyslot-trace: {e}", err=True)
+        sys.exit(EXIT_CANNOT_TRACE)
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no events"
+    click.echo(f"recorded {summary}", err=True)
+
+
+@cli.command()
+def doctor() -> None:
+    """Check whether this machine can trace the keyslot manager, and say how to fix what is missing.
+
+    One line per check; exit status 1 when tracing cannot work.
+
+    \b
+    Example:
+      sudo keyslot-trace doctor
+    """
+    from tracer.doctor import run_checks
+
+    failed = False
+    for c in run_checks():
+        mark = "ok  " if c.ok else ("FAIL" if c.fatal else "note")
+        click.echo(f"{mark} {c.name}: {c.detail}" + ("" if c.ok or not c.fix else f" -> {c.fix}"))
+        failed |= c.fatal and not c.ok
+    sys.exit(EXIT_CANNOT_TRACE if failed else 0)
+
+
+@cli.command()
+@click.option("--from", "trace_path", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Recorded trace to replay.")
+@click.option("--speed", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Replay at X times the trace's own pace; 0 = as fast as possible.")
+@click.option("--check", is_flag=True, help="Run the reference model too and mark its first divergence in red.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per interval instead of the screen.")
+@click.argument("interval", required=False, default=1.0, type=click.FloatRange(min=0, min_open=True))
+@click.argument("count", required=False, type=click.IntRange(min=1))
+def top(trace_path: str, speed: float, check: bool, as_json: bool, interval: float, count: int | None) -> None:
+    """Show keyslots, gets, hits, waits and latencies as a recorded trace replays.
+
+    Per profile: each slot's key, refcount, LRU rank, programs and last program
+    latency, as the trace reports them. INTERVAL (seconds of trace time,
+    default 1) is the rate window; when stdout is not a terminal, one plain
+    block (or --json line) is printed per INTERVAL. COUNT stops after that many
+    intervals. Exit status: 0; 1 if --check showed a divergence; 2 bad input.
+    Keys: q quit, p pause, tab/arrows profile, s sort, / filter, ? help.
+
+    \b
+    Examples:
+      keyslot-trace top --from trace.ndjson               # at the trace's own pace
+      keyslot-trace top --from bad.ndjson --speed 0 --check
+      keyslot-trace top --from trace.ndjson --json 0.01   # a JSON line per 10 ms of trace
+    """
+    from replay.trace import TraceFormatError, read_trace
+    from tracer import top as top_view
+
+    try:
+        trace = read_trace(trace_path)
+    except TraceFormatError as e:
+        _fail_bad_input(str(e))
+    sys.exit(top_view.run(trace, speed=speed, check=check, as_json=as_json, interval_s=interval, count=count))
+
+
 def main() -> None:
     cli(prog_name="keyslot-trace")
 

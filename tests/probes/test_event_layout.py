@@ -17,8 +17,11 @@ C_PROGRAM = r"""
 #define F(field) printf("field %s %zu %zu\n", #field, offsetof(struct ks_event, field), sizeof(((struct ks_event *)0)->field));
 int main(void) {
     printf("size %zu\n", sizeof(struct ks_event));
-    F(ts_ns) F(profile) F(key) F(aux) F(kind) F(cpu) F(tid) F(tgid) F(slot) F(result)
+    F(ts_ns) F(profile) F(key) F(aux) F(kind) F(cpu) F(tid) F(tgid) F(slot) F(result) F(name)
     KS_EVENT_KINDS(PRINT_KIND)
+    printf("const NO_SLOT %d\n", KS_NO_SLOT);
+    printf("const NAME_LEN %d\n", KS_NAME_LEN);
+    printf("const PROFILE_IS_FALLBACK %d\n", KS_PROFILE_IS_FALLBACK);
     return 0;
 }
 """
@@ -43,6 +46,13 @@ def test_struct_layout_matches(c_view):
     assert list(fields) == [f for f, _ in RawEvent._fields_]
     for name, ctype in RawEvent._fields_:
         assert fields[name] == (getattr(RawEvent, name).offset, ctypes.sizeof(ctype)), name
+
+
+def test_constants_match(c_view):
+    import probes.events as ev
+
+    consts = {x[1]: int(x[2]) for x in c_view if x[0] == "const"}
+    assert consts == {name: getattr(ev, name) for name in consts} and len(consts) == 3
 
 
 def test_event_kinds_match(c_view):

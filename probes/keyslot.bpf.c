@@ -1,0 +1,282 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * keyslot.bpf.c - trace the blk-crypto keyslot manager (bcc).
+ *
+ * Traces (kprobe + kretprobe; tracer/probes.py chooses the symbols):
+ *   get     blk_crypto_get_keyslot (5.16+) / blk_ksm_get_slot_for_key (5.8-5.15)
+ *   put     blk_crypto_put_keyslot          / blk_ksm_put_slot
+ *   evict   __blk_crypto_evict_key          / blk_ksm_evict_key
+ *   reprogram_all, profile init/destroy/register,
+ *   and the drivers' keyslot_program / keyslot_evict callbacks.
+ *
+ * Every event carries the kernel's own view: the slot index comes from the
+ * slot pointer the kernel returned (get, put) or from the callback argument
+ * (program, evict) - never from a model. Key and profile pointers are sent
+ * raw and fingerprinted by user space before anything is written; key bytes
+ * are never read.
+ *
+ * Build-time switches (-D, set by tracer/probes.py):
+ *   KS_GEN_BLK_KSM      5.8-5.15 struct names (default: 5.16+ blk_crypto_profile)
+ *   KS_FALLBACK_SYM     address of the fallback profile symbol, 0 if unknown
+ *   KS_Q_HAS_DISK       struct request_queue has ->disk (5.15+)
+ *
+ * 2026-11-29  first version: kprobes on 6.1 (blk_crypto_*) and 5.8-5.15 names.
+ */
+#include <uapi/linux/ptrace.h>
+#include <linux/blkdev.h>
+#ifdef KS_GEN_BLK_KSM
+#include <linux/keyslot-manager.h>
+#define PROFILE struct blk_keyslot_manager
+#else
+#include <linux/blk-crypto-profile.h>
+#define PROFILE struct blk_crypto_profile
+#endif
+#include "keyslot_events.h"
+
+/*
+ * struct blk_crypto_keyslot (5.16+) / blk_ksm_keyslot (5.8-5.15) is private
+ * to block/blk-crypto-profile.c, so its layout is spelled out here:
+ *   atomic_t slot_refs; struct list_head idle_slot_node;
+ *   struct hlist_node hash_node; const struct blk_crypto_key *key;
+ *   struct blk_crypto_profile *profile;
+ * = 4 + 4 (pad) + 16 + 16 + 8 + 8 = 56 bytes on 64-bit, profile at 48.
+ * A wrong value shows up at once: a miss's get_return slot would differ from
+ * its program callback's slot argument, which replay rejects.
+ */
+#define KS_SLOT_SIZE 56
+#define KS_SLOT_PROFILE_OFFSET 48
+#define KS_MAX_DEPTH 8
+
+BPF_PERF_OUTPUT(events);
+
+/* Arguments saved at entry for the matching return, per thread. Calls nest
+ * (dm's evict callback evicts from the disks below it on the same thread),
+ * so each thread has a small stack indexed by its depth. */
+struct frame {
+	u64 profile;
+	u64 key;
+	u64 ptr;  /* get: slot_ptr */
+	s32 slot;
+	u32 num_slots;
+};
+struct frame_key {
+	u32 tid;
+	u32 depth;
+};
+BPF_HASH(depth, u32, u32, 16384);
+BPF_HASH(frames, struct frame_key, struct frame, 16384);
+
+static __always_inline u32 profile_num_slots(u64 profile)
+{
+	unsigned int n = 0;
+	bpf_probe_read_kernel(&n, sizeof(n), &((PROFILE *)profile)->num_slots);
+	return n;
+}
+
+static __always_inline s32 slot_index(u64 profile, u64 slot)
+{
+	void *base = NULL;
+	if (!slot || !profile)
+		return KS_NO_SLOT;
+	bpf_probe_read_kernel(&base, sizeof(base), &((PROFILE *)profile)->slots);
+	return (s32)((slot - (u64)base) / KS_SLOT_SIZE);
+}
+
+static __always_inline void emit(struct pt_regs *ctx, u32 kind, struct frame *f, s32 result)
+{
+	struct ks_event e = {};
+	u64 id = bpf_get_current_pid_tgid();
+
+	e.ts_ns = bpf_ktime_get_ns();
+	e.profile = f->profile;
+	e.key = f->key;
+	e.aux = f->num_slots;
+	e.kind = kind;
+	e.cpu = bpf_get_smp_processor_id();
+	e.tid = (u32)id;
+	e.tgid = id >> 32;
+	e.slot = f->slot;
+	e.result = result;
+	events.perf_submit(ctx, &e, sizeof(e));
+}
+
+static __always_inline void push(struct frame *f)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	u32 zero = 0, *d = depth.lookup_or_try_init(&tid, &zero);
+	if (!d || *d >= KS_MAX_DEPTH)
+		return;
+	struct frame_key k = {tid, *d};
+	frames.update(&k, f);
+	(*d)++;
+}
+
+/* Returns 0 when the entry was not seen (attached mid-call, or too deep). */
+static __always_inline int pop(struct frame *out)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	u32 *d = depth.lookup(&tid);
+	if (!d || *d == 0)
+		return 0;
+	(*d)--;
+	struct frame_key k = {tid, *d};
+	struct frame *f = frames.lookup(&k);
+	if (!f)
+		return 0;
+	*out = *f;
+	frames.delete(&k);
+	if (*d == 0)
+		depth.delete(&tid);
+	return 1;
+}
+
+/* One entry/return pair per traced operation; the bodies are shared. */
+static __always_inline int op_entry(struct pt_regs *ctx, u32 kind, u64 profile, u64 key, u64 ptr, s32 slot)
+{
+	struct frame f = {.profile = profile, .key = key, .ptr = ptr, .slot = slot};
+	if (profile)
+		f.num_slots = profile_num_slots(profile);
+	push(&f);
+	emit(ctx, kind, &f, 0);
+	return 0;
+}
+
+static __always_inline int op_return(struct pt_regs *ctx, u32 kind)
+{
+	struct frame f;
+	if (!pop(&f))
+		return 0;
+	emit(ctx, kind, &f, (s32)PT_REGS_RC(ctx));
+	return 0;
+}
+
+/* -- get --------------------------------------------------------------- */
+int get_entry(struct pt_regs *ctx, PROFILE *profile, const void *key, void **slot_ptr)
+{
+	return op_entry(ctx, KS_GET_CALL, (u64)profile, (u64)key, (u64)slot_ptr, KS_NO_SLOT);
+}
+
+int get_return(struct pt_regs *ctx)
+{
+	struct frame f;
+	u64 slot = 0;
+	if (!pop(&f))
+		return 0;
+	bpf_probe_read_kernel(&slot, sizeof(slot), (void *)f.ptr);
+	f.slot = slot_index(f.profile, slot);
+	/* blk_status_t is a u8 */
+	emit(ctx, KS_GET_RETURN, &f, (s32)(u8)PT_REGS_RC(ctx));
+	return 0;
+}
+
+/* -- put: the slot knows its profile ------------------------------------- */
+int put_entry(struct pt_regs *ctx, void *slot)
+{
+	u64 profile = 0;
+	if (!slot)
+		return 0; /* a no-op in the kernel too */
+	bpf_probe_read_kernel(&profile, sizeof(profile), (char *)slot + KS_SLOT_PROFILE_OFFSET);
+	return op_entry(ctx, KS_PUT_CALL, profile, 0, 0, slot_index(profile, (u64)slot));
+}
+
+int put_return(struct pt_regs *ctx) { return op_return(ctx, KS_PUT_RETURN); }
+
+/* -- evict ----------------------------------------------------------------- */
+int evict_entry(struct pt_regs *ctx, PROFILE *profile, const void *key)
+{
+	return op_entry(ctx, KS_EVICT_CALL, (u64)profile, (u64)key, 0, KS_NO_SLOT);
+}
+
+int evict_return(struct pt_regs *ctx) { return op_return(ctx, KS_EVICT_RETURN); }
+
+/* -- reprogram_all ----------------------------------------------------------- */
+int reprogram_entry(struct pt_regs *ctx, PROFILE *profile)
+{
+	return op_entry(ctx, KS_REPROGRAM_CALL, (u64)profile, 0, 0, KS_NO_SLOT);
+}
+
+int reprogram_return(struct pt_regs *ctx) { return op_return(ctx, KS_REPROGRAM_RETURN); }
+
+/* -- driver callbacks: (profile, key, unsigned int slot) ------------------------ */
+int program_entry(struct pt_regs *ctx, PROFILE *profile, const void *key, unsigned int slot)
+{
+	return op_entry(ctx, KS_PROGRAM_CALL, (u64)profile, (u64)key, 0, (s32)slot);
+}
+
+int program_return(struct pt_regs *ctx) { return op_return(ctx, KS_PROGRAM_RETURN); }
+
+int drv_evict_entry(struct pt_regs *ctx, PROFILE *profile, const void *key, unsigned int slot)
+{
+	return op_entry(ctx, KS_DRV_EVICT_CALL, (u64)profile, (u64)key, 0, (s32)slot);
+}
+
+int drv_evict_return(struct pt_regs *ctx) { return op_return(ctx, KS_DRV_EVICT_RETURN); }
+
+/* -- profile life cycle ------------------------------------------------------------ */
+int init_entry(struct pt_regs *ctx, PROFILE *profile, unsigned int num_slots)
+{
+	struct frame f = {.profile = (u64)profile, .num_slots = num_slots};
+	push(&f);
+	return 0;
+}
+
+/* 5.12-5.15: blk_ksm_init_passthrough(ksm) has no slot count: 0 slots */
+int init_passthrough_entry(struct pt_regs *ctx, PROFILE *profile)
+{
+	struct frame f = {.profile = (u64)profile, .num_slots = 0};
+	push(&f);
+	return 0;
+}
+
+int init_return(struct pt_regs *ctx)
+{
+	struct frame f;
+	s32 flags = 0;
+	if (!pop(&f) || PT_REGS_RC(ctx) != 0)
+		return 0; /* a failed init creates no profile */
+#if KS_FALLBACK_SYM
+	/* The fallback profile is a static struct (5.8-6.4) or a pointer to a
+	 * kzalloc'd one (6.5+, 6.1.y): match either. */
+	u64 ptr = 0;
+	bpf_probe_read_kernel(&ptr, sizeof(ptr), (void *)KS_FALLBACK_SYM);
+	if (f.profile == KS_FALLBACK_SYM || f.profile == ptr)
+		flags |= KS_PROFILE_IS_FALLBACK;
+#endif
+	emit(ctx, KS_PROFILE_INIT, &f, flags);
+	return 0;
+}
+
+int init_passthrough_return(struct pt_regs *ctx)
+{
+	struct frame f;
+	if (pop(&f))
+		emit(ctx, KS_PROFILE_INIT, &f, 0);
+	return 0;
+}
+
+int destroy_entry(struct pt_regs *ctx, PROFILE *profile)
+{
+	struct frame f = {.profile = (u64)profile, .slot = KS_NO_SLOT};
+	if (profile)
+		emit(ctx, KS_PROFILE_DESTROY, &f, 0);
+	return 0;
+}
+
+int register_entry(struct pt_regs *ctx, PROFILE *profile, struct request_queue *q)
+{
+	struct ks_event e = {};
+	e.ts_ns = bpf_ktime_get_ns();
+	e.kind = KS_PROFILE_REGISTER;
+	e.profile = (u64)profile;
+	e.cpu = bpf_get_smp_processor_id();
+	e.tid = (u32)bpf_get_current_pid_tgid();
+	e.slot = KS_NO_SLOT;
+#ifdef KS_Q_HAS_DISK
+	struct gendisk *disk = NULL;
+	bpf_probe_read_kernel(&disk, sizeof(disk), &q->disk);
+	if (disk)
+		bpf_probe_read_kernel_str(e.name, sizeof(e.name), disk->disk_name);
+#endif
+	events.perf_submit(ctx, &e, sizeof(e));
+	return 0;
+}

@@ -1,0 +1,96 @@
+"""Turn raw kernel events (struct ks_event) into trace-format records.
+
+This is where kernel pointers stop: key and profile pointers become salted
+fingerprints (BLAKE2b keyed with a random per-recording salt that is never
+written), so no pointer and no key byte leaves the tracer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Callable
+
+from probes.events import NO_SLOT, PROFILE_IS_FALLBACK, EventKind, RawEvent
+
+FALLBACK_DEVICE = "blk-crypto-fallback"
+
+# Which optional fields each kind writes (the rest of the format's fields
+# come from the common head).
+_WITH_KEY = {EventKind.get_call, EventKind.get_return, EventKind.evict_call, EventKind.evict_return,
+             EventKind.program_call, EventKind.program_return, EventKind.drv_evict_call,
+             EventKind.drv_evict_return}
+_WITH_SLOT = {EventKind.get_return, EventKind.put_call, EventKind.put_return, EventKind.program_call,
+              EventKind.program_return, EventKind.drv_evict_call, EventKind.drv_evict_return}
+_OPTIONAL_SLOT = {EventKind.get_return, EventKind.put_call, EventKind.put_return}
+_WITH_RESULT = {EventKind.evict_return, EventKind.program_return, EventKind.drv_evict_return}
+_FIRST_SIGHT = {EventKind.get_call, EventKind.put_call, EventKind.evict_call, EventKind.reprogram_call}
+
+
+class Fingerprinter:
+    def __init__(self, salt: bytes | None = None):
+        self._salt = salt or os.urandom(16)
+        self._cache: dict[tuple[str, int], str] = {}
+
+    def __call__(self, prefix: str, pointer: int) -> str:
+        fp = self._cache.get((prefix, pointer))
+        if fp is None:
+            digest = hashlib.blake2b(pointer.to_bytes(8, "little"), key=self._salt, digest_size=6, person=prefix.encode())
+            fp = self._cache[(prefix, pointer)] = prefix + digest.hexdigest()
+        return fp
+
+
+class Decoder:
+    """Stateful: remembers which profiles it has seen and what they are called."""
+
+    def __init__(self, write: Callable[[dict[str, Any]], None], fingerprint: Fingerprinter | None = None):
+        self.write = write
+        self.fp = fingerprint or Fingerprinter()
+        self.profiles: dict[int, dict[str, Any]] = {}  # pointer -> {"id", "num_slots", "device"}
+        self.last_t: dict[int, int] = {}  # cpu -> last event time seen
+        self.counts: dict[str, int] = {}
+
+    def profile(self, pointer: int) -> str:
+        return self.fp("p", pointer)
+
+    def event(self, e: RawEvent) -> None:
+        kind = EventKind(e.kind)
+        self.last_t[e.cpu] = e.ts_ns
+        pid = self.profile(e.profile)
+        if kind is EventKind.profile_init:
+            device = FALLBACK_DEVICE if e.result & PROFILE_IS_FALLBACK else None
+            self.profiles[e.profile] = {"id": pid, "num_slots": e.aux, "device": device}
+            self._write(e, kind, pid, num_slots=e.aux, **({"device": device} if device else {}))
+            return
+        if kind is EventKind.profile_register:
+            name = e.name.decode(errors="replace")
+            if e.profile in self.profiles and name:
+                self.profiles[e.profile]["device"] = name
+            if name:
+                self._write(e, kind, pid, device=name)
+            return
+        if kind in _FIRST_SIGHT and e.profile not in self.profiles:
+            # A profile from before the recording started: say what it is
+            # before its first event, so replay starts it in an unknown state.
+            self.profiles[e.profile] = {"id": pid, "num_slots": e.aux, "device": None}
+            self._write(e, EventKind.profile_attach, pid, num_slots=e.aux)
+        fields: dict[str, Any] = {}
+        if kind in _WITH_KEY:
+            fields["key"] = self.fp("k", e.key) if e.key else None
+        if kind in _WITH_SLOT:
+            fields["slot"] = None if (e.slot == NO_SLOT and kind in _OPTIONAL_SLOT) else e.slot
+        if kind is EventKind.get_return:
+            fields["status"] = e.result
+        elif kind in _WITH_RESULT:
+            fields["result"] = e.result
+        self._write(e, kind, pid, **fields)
+
+    def lost(self, cpu: int, count: int, start_t: int) -> None:
+        """Events lost on ``cpu``: they came after the last event read from that CPU."""
+        t = self.last_t.get(cpu, start_t)
+        self.counts["lost"] = self.counts.get("lost", 0) + count
+        self.write({"t": t, "cpu": cpu, "tid": 0, "ev": "lost", "p": None, "count": count})
+
+    def _write(self, e: RawEvent, kind: EventKind, pid: str, **fields: Any) -> None:
+        self.counts[kind.name] = self.counts.get(kind.name, 0) + 1
+        self.write({"t": e.ts_ns, "cpu": e.cpu, "tid": e.tid, "ev": kind.name, "p": pid, **fields})

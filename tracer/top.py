@@ -1,0 +1,308 @@
+"""keyslot-trace top: a live view of the keyslot manager, replayed from a recorded trace.
+
+USAGE: keyslot-trace top --from FILE [--speed X] [--check] [--json] [interval [count]]
+
+Three parts, kept apart (shared/style-anchors.md section 5):
+
+* data   - tracer/tui/aggregate.py: events -> Snapshot (what the kernel reported);
+* view   - tracer/tui/render.py: Snapshot -> rich renderable, or plain/JSON lines;
+* loop   - this module: an event source, keys, and when to draw.
+
+An event source is anything with ``poll(limit) -> list[Event]`` (the events
+due now), ``wait_s()`` (seconds until the next one is due) and ``done``;
+FileSource replays a trace file at a chosen pace, and a live recorder can
+offer the same three members.
+
+Intervals are measured in *trace time* (the events' own clock): when a file
+is replayed faster than real time, ``top --from FILE 1`` still reports per
+second of what the kernel did, and its output does not depend on --speed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import select
+import sys
+import termios
+import time
+import tty
+from dataclasses import replace
+from operator import attrgetter
+from typing import Callable, TextIO
+
+import orjson
+from rich.console import Console
+from rich.live import Live
+
+from replay import checker
+from replay.report import describe_op
+from replay.trace import Event, Trace
+from tracer.tui.aggregate import Aggregator, Interval, Snapshot
+from tracer.tui.render import SORTS, View, json_record, plain_block, render, visible_profiles
+
+BATCH = 20_000  # events applied between looks at the keyboard and the clock
+FRAME_S = 0.1  # redraw at most this often (keys redraw at once)
+TICK_S = 0.01  # when paced, take the events due in batches at most this often
+
+
+class FileSource:
+    """A recorded trace's events at ``speed`` times their own pace (0: as fast as possible)."""
+
+    def __init__(self, events: list[Event], speed: float, clock: Callable[[], float] = time.monotonic):
+        self.events, self.speed, self.clock = events, speed, clock
+        self.i = 0
+        self._start: float | None = None  # wall time the first event was due
+        self._paused_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.i >= len(self.events)
+
+    def _due(self) -> float:
+        """Trace time that is due now."""
+        if not self.speed:
+            return math.inf
+        now = self._paused_at if self._paused_at is not None else self.clock()
+        if self._start is None:
+            self._start = now
+        return self.events[0].t + (now - self._start) * self.speed * 1e9
+
+    def poll(self, limit: int = BATCH) -> list[Event]:
+        if self.done or self._paused_at is not None:
+            return []
+        end = min(len(self.events), self.i + limit)
+        due = self._due()
+        if due != math.inf:
+            end = bisect.bisect_right(self.events, due, self.i, end, key=_T)
+        batch, self.i = self.events[self.i:end], end
+        return batch
+
+    def wait_s(self) -> float:
+        if self.done or not self.speed:
+            return 0.0
+        return max(0.0, (self.events[self.i].t - self._due()) / (self.speed * 1e9))
+
+    def pause(self, paused: bool) -> None:
+        if paused and self._paused_at is None:
+            self._paused_at = self.clock()
+        elif not paused and self._paused_at is not None:
+            if self._start is not None:
+                self._start += self.clock() - self._paused_at
+            self._paused_at = None
+
+
+_T = attrgetter("t")
+
+
+class CheckMarks:
+    """--check: the reference model's first divergence per profile, revealed
+    when playback reaches the time of the operation that diverged.
+
+    The checker runs over the whole trace up front (replay.checker.check works
+    on a whole trace); this only decides when to show its answer."""
+
+    def __init__(self, result: checker.Result):
+        self.result = result
+        self.pending = sorted(
+            (d.op.ret.t if d.op.ret else d.op.call_t, p.profile,
+             f"{describe_op(d.op)} (line {d.op.line}): {d.reason}")
+            for p in result.profiles if (d := p.divergence) is not None
+        )
+        self.shown: dict[str, str] = {}
+
+    def reach(self, t: int) -> dict[str, str]:
+        new = {}
+        while self.pending and self.pending[0][0] <= t:
+            _, pid, reason = self.pending.pop(0)
+            new[pid] = self.shown[pid] = reason
+        return new
+
+    def status(self, finished: bool) -> str:
+        if self.shown:
+            return "DIVERGED"
+        return self.result.verdict.name if finished else "agrees so far"
+
+
+def run(trace: Trace, *, speed: float = 1.0, check: bool = False, as_json: bool = False,
+        interval_s: float = 1.0, count: int | None = None, out: TextIO | None = None) -> int:
+    """Replay ``trace`` into the screen (a terminal) or into plain/JSON lines.
+    Returns the exit status: 1 if --check showed a divergence, else 0."""
+    out = out or sys.stdout
+    agg = Aggregator(trace.header, os.path.basename(trace.path), max(1, round(interval_s * 1e9)))
+    source = FileSource(trace.events, speed)
+    key_fd = None if as_json or not out.isatty() else _open_keys()
+    if key_fd is not None and check:
+        print(f"checking {trace.path} against the reference model...", file=sys.stderr)
+    marks = CheckMarks(checker.check(trace)) if check else None
+    if key_fd is None:
+        return _run_lines(agg, source, marks, as_json, count, out)
+    return _run_screen(agg, source, marks, count, key_fd, View(speed=speed))
+
+
+def _apply(agg: Aggregator, batch: list[Event], on_interval: Callable[[Interval], bool]) -> bool:
+    """Apply events, calling on_interval for each interval they close; True: stop (count reached)."""
+    end = math.inf if agg.interval_start is None else agg.interval_start + agg.interval_ns
+    for ev in batch:
+        if ev.t >= end:
+            for iv in agg.advance_to(ev.t):
+                if on_interval(iv):
+                    return True
+            end = agg.interval_start + agg.interval_ns
+        agg.apply(ev)
+        if agg.interval_start is not None and end == math.inf:
+            end = agg.interval_start + agg.interval_ns
+    return False
+
+
+# -- plain and JSON lines (stdout is not a terminal, or --json) ----------------------
+
+
+def _run_lines(agg: Aggregator, source: FileSource, marks: CheckMarks | None, as_json: bool,
+               count: int | None, out: TextIO) -> int:
+    printed = 0
+
+    def emit(iv: Interval) -> bool:
+        nonlocal printed
+        new = marks.reach(iv.end - 1) if marks else {}
+        snap = agg.snapshot(marks.shown if marks else None)
+        snap = replace(snap, elapsed_ns=iv.end - (agg.t_first or 0))
+        if as_json:
+            line = orjson.dumps(json_record(snap, iv.counts, iv.seconds, iv.lost)).decode()
+        else:
+            line = plain_block(snap, iv.counts, iv.seconds, iv.lost, new) + "\n"
+        out.write(line + "\n")
+        out.flush()
+        printed += 1
+        return count is not None and printed >= count
+
+    try:
+        while not source.done:
+            batch = source.poll()
+            if not batch:
+                time.sleep(min(max(source.wait_s(), TICK_S), 1.0))
+            elif _apply(agg, batch, emit):
+                break
+        else:
+            if agg.events and agg.t_last >= (agg.interval_start or 0):  # the last, partial interval
+                iv = agg.current()
+                emit(replace(iv, end=iv.end + 1))
+    except BrokenPipeError:  # `top ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1 if marks and marks.shown else 0
+
+
+# -- the screen -------------------------------------------------------------------------
+
+
+_ESCAPES = {"\x1b[A": "up", "\x1b[B": "down", "\x1b[C": "right", "\x1b[D": "left", "\x1b[Z": "backtab",
+            "\x1bOA": "up", "\x1bOB": "down", "\x1bOC": "right", "\x1bOD": "left"}
+
+
+def parse_keys(data: str) -> list[str]:
+    """Split what the terminal sent into keys: characters, or 'up'/'left'/'backtab'/..."""
+    keys, i = [], 0
+    while i < len(data):
+        seq = next((s for s in _ESCAPES if data.startswith(s, i)), None)
+        keys.append(_ESCAPES[seq] if seq else data[i])
+        i += len(seq) if seq else 1
+    return keys
+
+
+def handle_key(view: View, key: str, snap: Snapshot) -> View | None:
+    """The view after ``key``; None means quit. Pure."""
+    if view.typing is not None:  # typing a filter after '/'
+        if key in ("\r", "\n"):
+            return replace(view, filter=view.typing.strip(), typing=None)
+        if key == "\x1b":
+            return replace(view, typing=None)
+        if key in ("\x7f", "\b"):
+            return replace(view, typing=view.typing[:-1])
+        return replace(view, typing=view.typing + key) if len(key) == 1 and key.isprintable() else view
+    if key in ("q", "Q"):
+        return None
+    if key == "p":
+        return replace(view, paused=not view.paused)
+    if key in ("?", "h"):
+        return replace(view, help=not view.help)
+    if key == "\x1b":
+        return replace(view, help=False)
+    if key == "s":
+        return replace(view, sort=SORTS[(SORTS.index(view.sort) + 1) % len(SORTS)])
+    if key == "/":
+        return replace(view, typing=view.filter)
+    step = {"\t": 1, "right": 1, "down": 1, "backtab": -1, "left": -1, "up": -1}.get(key)
+    ids = [p.id for p in visible_profiles(snap, view)]
+    if step and ids:
+        i = ids.index(view.selected) if view.selected in ids else 0
+        return replace(view, selected=ids[(i + step) % len(ids)])
+    return view
+
+
+def _open_keys() -> int | None:
+    """A file descriptor to read keys from: stdin if it is the terminal, else /dev/tty."""
+    if sys.stdin is not None and sys.stdin.isatty():
+        return sys.stdin.fileno()
+    try:
+        return os.open("/dev/tty", os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def _run_screen(agg: Aggregator, source: FileSource, marks: CheckMarks | None, count: int | None,
+                fd: int, view: View) -> int:
+    console = Console(highlight=False)
+    intervals = 0
+
+    def on_interval(iv: Interval) -> bool:
+        nonlocal intervals
+        intervals += 1
+        return count is not None and intervals >= count
+
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)  # keys arrive one by one, unechoed; Ctrl-C still interrupts
+        with Live(console=console, screen=True, auto_refresh=False, redirect_stdout=False,
+                  redirect_stderr=False) as live:
+            snap, size, next_draw, dirty = agg.snapshot(), None, 0.0, True
+            while True:
+                if not view.paused and not source.done:
+                    batch = source.poll()
+                    if batch:
+                        if _apply(agg, batch, on_interval):
+                            break
+                        if marks:
+                            marks.reach(agg.t_last)
+                        dirty = True
+                    elif source.done:
+                        dirty = True  # draw "end of trace"
+                now = time.monotonic()
+                force = console.size != size
+                if force or (dirty and now >= next_draw):
+                    snap = agg.snapshot(marks.shown if marks else None, finished=source.done)
+                    view = replace(view, check=marks.status(source.done) if marks else None)
+                    size = console.size
+                    live.update(render(snap, size.width, size.height, view), refresh=True)
+                    next_draw, dirty = now + FRAME_S, False
+                if view.paused or source.done:
+                    timeout = FRAME_S  # idle: wake only to notice resizes
+                else:
+                    timeout = min(max(source.wait_s(), TICK_S) if source.speed else 0.0,
+                                  max(next_draw - now, 0.0) if dirty else FRAME_S)
+                if select.select([fd], [], [], timeout)[0]:
+                    quit_ = False
+                    for key in parse_keys(os.read(fd, 64).decode(errors="ignore")):
+                        new = handle_key(view, key, snap)
+                        if new is None:
+                            quit_ = True
+                            break
+                        source.pause(new.paused)
+                        view, size = new, None  # redraw now
+                    if quit_:
+                        break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+    return 1 if marks and marks.shown else 0
