@@ -215,8 +215,14 @@ def _programs(subs: list[Event]):
 
 
 def _program(subs: list[Event]) -> Program | None:
-    progs = list(_programs(subs))
-    return progs[-1] if progs else None
+    """The program callback a get made (a get makes at most one: rule 3)."""
+    prog = None
+    for e in subs:
+        if e.kind is EventKind.program_return:
+            prog = Program(e.slot, e.key, e.result)
+        elif e.kind is EventKind.program_call and prog is None:
+            prog = Program(e.slot, e.key, None)
+    return prog
 
 
 def _drv_evict(subs: list[Event]) -> DrvEvict | None:

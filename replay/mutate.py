@@ -43,11 +43,12 @@ def mutate(header: dict, records: list[dict[str, Any]], kind: str, rng: random.R
     slots.update({p["id"]: p["num_slots"] for p in header.get("profiles", ())})
     if kind == "slot":
         cands = [i for i, r in enumerate(records)
-                 if r["ev"] == "get_return" and r.get("slot") is not None and slots.get(r["p"], 0) > 1]
+                 if r["ev"] == "get_return" and r.get("slot") is not None and slots.get(r["p"], 0) > 0]
         i = rng.choice(_need(cands, kind))
         r = records[i]
         old = r["slot"]
-        r["slot"] = rng.choice([s for s in range(slots[r["p"]]) if s != old])
+        # another slot of the profile, or (with one slot) the first index past its end
+        r["slot"] = rng.choice([s for s in range(max(2, slots[r["p"]])) if s != old])
         return Mutation(kind, i + 2, r["slot"], f"get_return at line {i + 2}: slot {old} -> {r['slot']}")
     if kind == "drop-put":
         # a put whose slot is later programmed again: the model must then see it still in use

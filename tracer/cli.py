@@ -182,8 +182,7 @@ def simulate(output: str, inject: str | None, **workload) -> None:
 EXIT_CANNOT_TRACE = 1
 
 
-# Hidden until it is proven on the test kernel (tests/kernel).
-@cli.command(hidden=True)
+@cli.command()
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
               help="Trace file to write (format v1 NDJSON).")
 @click.option("--duration", type=click.FloatRange(min=0), help="Stop after this many seconds (default: Ctrl-C).")

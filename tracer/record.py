@@ -151,6 +151,8 @@ class Recorder:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            for cpu in list(events._open_key_fds):  # close the readers before bcc's cleanup does it twice
+                del events[cpu]
             self.detach()
             self.out.flush()
         return decoder.counts

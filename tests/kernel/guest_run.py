@@ -1,0 +1,73 @@
+#!/usr/bin/python3
+"""Inside the test VM: record the kernel with the real `keyslot-trace record`
+while tests/kernel/workload.py runs scenarios, and leave everything in --out.
+
+Writes to OUT: trace.ndjson, record.log, <scenario>.json (workload reports),
+doctor.txt, run.json (per-scenario CLOCK_MONOTONIC windows in ns, exit codes,
+how long compiling and attaching took). The host side is tests/kernel/test_e2e.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+TOOL = [sys.executable, "-m", "tracer.cli"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--scenario", action="append", required=True)
+    args = ap.parse_args()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run: dict = {"scenarios": {}}
+
+    doctor = subprocess.run(TOOL + ["doctor"], env=env, capture_output=True, text=True)
+    (out / "doctor.txt").write_text(doctor.stdout + doctor.stderr)
+    run["doctor_rc"] = doctor.returncode
+
+    log = open(out / "record.log", "w")
+    t0 = time.monotonic()
+    rec = subprocess.Popen(TOOL + ["record", "-o", str(out / "trace.ndjson")], env=env, stderr=log, stdout=log)
+    while "recording to" not in (out / "record.log").read_text():
+        if rec.poll() is not None:
+            run["record_rc"] = rec.returncode
+            (out / "run.json").write_text(json.dumps(run))
+            print("record exited before it was ready:\n" + (out / "record.log").read_text(), file=sys.stderr)
+            return 1
+        if time.monotonic() - t0 > 900:
+            rec.kill()
+            print("record was not ready after 900 s", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    run["attach_seconds"] = round(time.monotonic() - t0, 1)
+
+    status = 0
+    for name in args.scenario:
+        start = time.monotonic_ns()
+        w = subprocess.run([sys.executable, str(ROOT / "tests/kernel/workload.py"), "--scenario", name,
+                            "--report", str(out / f"{name}.json")], capture_output=True, text=True)
+        run["scenarios"][name] = {"start_ns": start, "end_ns": time.monotonic_ns(), "rc": w.returncode,
+                                  "stderr": w.stderr[-2000:]}
+        status |= w.returncode != 0
+
+    time.sleep(0.5)
+    rec.send_signal(signal.SIGTERM)  # must leave a complete file
+    run["record_rc"] = rec.wait(timeout=120)
+    log.close()
+    (out / "run.json").write_text(json.dumps(run, indent=1))
+    return 1 if status or run["record_rc"] != 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
