@@ -49,8 +49,10 @@ def kernel() -> Path:
 def boot(request, kernel, tmp_path_factory):
     """One VM boot: record while the boot's scenarios run. Returns the output dir."""
     slots, scenarios = BOOTS[request.param]
-    # The guest sees the host's root read-only except rwdirs; /tmp inside is an overlay.
-    out = Path(os.environ.get("KEYSLOT_TRACE_VM_OUT", ROOT / ".vm-out")) / request.param
+    # The guest sees the host's root read-only except rwdirs, and /tmp inside is an
+    # overlay: results go to a shared directory in the cache, wherever the clone is.
+    cache = Path(os.environ.get("KEYSLOT_TRACE_CACHE", Path.home() / ".cache" / "keyslot-trace"))
+    out = cache / "vm-out" / request.param
     out.mkdir(parents=True, exist_ok=True)
     for f in out.iterdir():
         f.unlink()
