@@ -41,10 +41,19 @@ class Fingerprinter:
 
 
 class Decoder:
-    """Stateful: remembers which profiles it has seen and what they are called."""
+    """Stateful: remembers which profiles it has seen and what they are called.
 
-    def __init__(self, write: Callable[[dict[str, Any]], None], fingerprint: Fingerprinter | None = None):
-        self.write = write
+    ``only_device``: keep the profiles registered for that disk during the
+    recording, and the blk-crypto-fallback profile (shared by every disk
+    without native support, so it cannot be split per disk). A profile's
+    init line is held back until its registration says whose it is.
+    """
+
+    def __init__(self, write: Callable[[dict[str, Any]], None], fingerprint: Fingerprinter | None = None,
+                 only_device: str | None = None):
+        self._out = write
+        self.only_device = only_device
+        self._held: dict[int, list[dict[str, Any]]] = {}  # profile -> lines waiting for its device name
         self.fp = fingerprint or Fingerprinter()
         self.profiles: dict[int, dict[str, Any]] = {}  # pointer -> {"id", "num_slots", "device"}
         self.last_t: dict[int, int] = {}  # cpu -> last event time seen
@@ -53,6 +62,16 @@ class Decoder:
     def profile(self, pointer: int) -> str:
         return self.fp("p", pointer)
 
+    def write(self, record: dict[str, Any], pointer: int | None = None) -> None:
+        if self.only_device is None or pointer is None:
+            self._out(record)
+            return
+        device = self.profiles.get(pointer, {}).get("device")
+        if device is None and pointer in self._held:
+            self._held[pointer].append(record)
+        elif device in (self.only_device, FALLBACK_DEVICE):
+            self._out(record)
+
     def event(self, e: RawEvent) -> None:
         kind = EventKind(e.kind)
         self.last_t[e.cpu] = e.ts_ns
@@ -60,12 +79,18 @@ class Decoder:
         if kind is EventKind.profile_init:
             device = FALLBACK_DEVICE if e.result & PROFILE_IS_FALLBACK else None
             self.profiles[e.profile] = {"id": pid, "num_slots": e.aux, "device": device}
+            if device is None:
+                self._held[e.profile] = []
             self._write(e, kind, pid, num_slots=e.aux, **({"device": device} if device else {}))
             return
         if kind is EventKind.profile_register:
             name = e.name.decode(errors="replace")
             if e.profile in self.profiles and name:
                 self.profiles[e.profile]["device"] = name
+            held = self._held.pop(e.profile, [])
+            if name in (self.only_device, FALLBACK_DEVICE):
+                for record in held:
+                    self._out(record)
             if name:
                 self._write(e, kind, pid, device=name)
             return
@@ -93,4 +118,4 @@ class Decoder:
 
     def _write(self, e: RawEvent, kind: EventKind, pid: str, **fields: Any) -> None:
         self.counts[kind.name] = self.counts.get(kind.name, 0) + 1
-        self.write({"t": e.ts_ns, "cpu": e.cpu, "tid": e.tid, "ev": kind.name, "p": pid, **fields})
+        self.write({"t": e.ts_ns, "cpu": e.cpu, "tid": e.tid, "ev": kind.name, "p": pid, **fields}, e.profile)

@@ -1,0 +1,64 @@
+"""The attach plan, from kallsyms and tracefs text (no root needed)."""
+
+import pytest
+
+from tracer.probes import KernelSymbols, detect_generation, detect_semantics, plan
+from tracer.record import ProbeError, prepare
+
+KALLSYMS_61 = """\
+ffffffff81400000 T blk_crypto_get_keyslot
+ffffffff81400100 t blk_crypto_get_keyslot.cold
+ffffffff81400200 T blk_crypto_put_keyslot
+ffffffff81400300 T __blk_crypto_evict_key
+ffffffff81400400 T blk_crypto_reprogram_all_keys
+ffffffff81400500 T blk_crypto_profile_init
+ffffffff81400600 T blk_crypto_profile_destroy
+ffffffff81400700 T blk_crypto_register
+ffffffff81400800 t blk_crypto_fallback_keyslot_program
+ffffffff81400900 t blk_crypto_fallback_keyslot_evict
+ffffffff81400a00 t blk_crypto_find_and_grab_keyslot.isra.0
+ffffffff81400b00 T __blk_crypto_rq_put_keyslot
+ffffffff82000000 d blk_crypto_fallback_profile
+ffffffffc0001000 t ksdisk_keyslot_program\t[ksdisk]
+ffffffffc0001100 t ksdisk_keyslot_evict\t[ksdisk]
+"""
+TRACEABLE = "\n".join(l.split()[2] for l in KALLSYMS_61.splitlines() if " t " in l.lower() and ".cold" not in l)
+
+
+def test_generation_semantics_and_plan_on_61():
+    ks = KernelSymbols.parse(KALLSYMS_61, TRACEABLE)
+    assert detect_generation(ks) == "blk_crypto"
+    assert detect_semantics(ks, "blk_crypto") == "mainline-unlink"
+    attached = {(a.spec.name, a.symbol) for a in plan(ks, "blk_crypto") if a.attached}
+    assert ("get", "blk_crypto_get_keyslot") in attached
+    assert ("driver program", "ksdisk_keyslot_program") in attached  # module symbols count
+    assert ("driver program", "blk_crypto_fallback_keyslot_program") in attached
+    assert ks.fallback_address() == 0xFFFFFFFF82000000
+
+
+def test_not_traceable_and_clones_are_skipped_with_a_reason():
+    ks = KernelSymbols.parse(KALLSYMS_61, TRACEABLE.replace("blk_crypto_reprogram_all_keys", ""))
+    assert ks.status("blk_crypto_reprogram_all_keys") == (
+        False, "in kallsyms but not in available_filter_functions (notrace or inlined)")
+    ok, why = ks.status("blk_crypto_find_and_grab_keyslot")
+    assert not ok and "compiler clones" in why
+    skipped = [a for a in plan(ks, "blk_crypto") if not a.attached]
+    assert any(a.spec.name == "reprogram_all" for a in skipped)
+
+
+def test_pre_fix_kernel_is_mainline_keep_and_old_names_are_blk_ksm():
+    old = KALLSYMS_61.replace("__blk_crypto_rq_put_keyslot", "__blk_crypto_free_request")
+    assert detect_semantics(KernelSymbols.parse(old, None), "blk_crypto") == "mainline-keep"
+    ksm = KernelSymbols.parse("ffffffff81000000 T blk_ksm_get_slot_for_key\n", None)
+    assert detect_generation(ksm) == "blk_ksm"
+
+
+def test_a_kernel_without_blk_crypto_is_one_clear_error():
+    with pytest.raises(ProbeError, match="CONFIG_BLK_INLINE_ENCRYPTION"):
+        prepare(KernelSymbols.parse("ffffffff81000000 T vfs_read\n", None))
+
+
+def test_missing_required_probe_is_one_clear_error():
+    ks = KernelSymbols.parse(KALLSYMS_61, TRACEABLE.replace("blk_crypto_put_keyslot", ""))
+    with pytest.raises(ProbeError, match="blk_crypto_put_keyslot"):
+        prepare(ks)
