@@ -2,7 +2,8 @@
 /*
  * keyslot.bpf.c - trace the blk-crypto keyslot manager (bcc).
  *
- * Traces (kprobe + kretprobe; tracer/probes.py chooses the symbols):
+ * Traces (kprobe + kretprobe, or fentry + fexit where the kernel has BTF
+ * trampolines; tracer/probes.py chooses the symbols):
  *   get     blk_crypto_get_keyslot (5.16+) / blk_ksm_get_slot_for_key (5.8-5.15)
  *   put     blk_crypto_put_keyslot          / blk_ksm_put_slot
  *   evict   __blk_crypto_evict_key          / blk_ksm_evict_key
@@ -19,6 +20,9 @@
  *   KS_GEN_BLK_KSM      5.8-5.15 struct names (default: 5.16+ blk_crypto_profile)
  *   KS_FALLBACK_SYM     address of the fallback profile symbol, 0 if unknown
  *   KS_Q_HAS_DISK       struct request_queue has ->disk (5.15+)
+ * In fentry mode tracer/record.py appends one KS_FENTRY_x(symbol) /
+ * KS_FEXIT_x(symbol) line per attached symbol (macros at the end of this
+ * file); the bodies are the same as for kprobes.
  *
  * 2026-11-29  first version: kprobes on 6.1 (blk_crypto_*) and 5.8-5.15 names.
  */
@@ -82,7 +86,7 @@ static __always_inline s32 slot_index(u64 profile, u64 slot)
 	return (s32)((slot - (u64)base) / KS_SLOT_SIZE);
 }
 
-static __always_inline void emit(struct pt_regs *ctx, u32 kind, struct frame *f, s32 result)
+static __always_inline void emit(void *ctx, u32 kind, struct frame *f, s32 result)
 {
 	struct ks_event e = {};
 	u64 id = bpf_get_current_pid_tgid();
@@ -131,7 +135,7 @@ static __always_inline int pop(struct frame *out)
 }
 
 /* One entry/return pair per traced operation; the bodies are shared. */
-static __always_inline int op_entry(struct pt_regs *ctx, u32 kind, u64 profile, u64 key, u64 ptr, s32 slot)
+static __always_inline int op_entry(void *ctx, u32 kind, u64 profile, u64 key, u64 ptr, s32 slot)
 {
 	struct frame f = {.profile = profile, .key = key, .ptr = ptr, .slot = slot};
 	if (profile)
@@ -141,12 +145,12 @@ static __always_inline int op_entry(struct pt_regs *ctx, u32 kind, u64 profile, 
 	return 0;
 }
 
-static __always_inline int op_return(struct pt_regs *ctx, u32 kind)
+static __always_inline int op_return(void *ctx, u32 kind, s32 rc)
 {
 	struct frame f;
 	if (!pop(&f))
 		return 0;
-	emit(ctx, kind, &f, (s32)PT_REGS_RC(ctx));
+	emit(ctx, kind, &f, rc);
 	return 0;
 }
 
@@ -156,7 +160,7 @@ int get_entry(struct pt_regs *ctx, PROFILE *profile, const void *key, void **slo
 	return op_entry(ctx, KS_GET_CALL, (u64)profile, (u64)key, (u64)slot_ptr, KS_NO_SLOT);
 }
 
-int get_return(struct pt_regs *ctx)
+static __always_inline int get_exit(void *ctx, u8 status)
 {
 	struct frame f;
 	u64 slot = 0;
@@ -164,13 +168,15 @@ int get_return(struct pt_regs *ctx)
 		return 0;
 	bpf_probe_read_kernel(&slot, sizeof(slot), (void *)f.ptr);
 	f.slot = slot_index(f.profile, slot);
-	/* blk_status_t is a u8 */
-	emit(ctx, KS_GET_RETURN, &f, (s32)(u8)PT_REGS_RC(ctx));
+	emit(ctx, KS_GET_RETURN, &f, status);
 	return 0;
 }
 
+/* blk_status_t is a u8 */
+int get_return(struct pt_regs *ctx) { return get_exit(ctx, (u8)PT_REGS_RC(ctx)); }
+
 /* -- put: the slot knows its profile ------------------------------------- */
-int put_entry(struct pt_regs *ctx, void *slot)
+static __always_inline int put_enter(void *ctx, void *slot)
 {
 	u64 profile = 0;
 	if (!slot)
@@ -179,7 +185,8 @@ int put_entry(struct pt_regs *ctx, void *slot)
 	return op_entry(ctx, KS_PUT_CALL, profile, 0, 0, slot_index(profile, (u64)slot));
 }
 
-int put_return(struct pt_regs *ctx) { return op_return(ctx, KS_PUT_RETURN); }
+int put_entry(struct pt_regs *ctx, void *slot) { return put_enter(ctx, slot); }
+int put_return(struct pt_regs *ctx) { return op_return(ctx, KS_PUT_RETURN, 0); }
 
 /* -- evict ----------------------------------------------------------------- */
 int evict_entry(struct pt_regs *ctx, PROFILE *profile, const void *key)
@@ -187,7 +194,7 @@ int evict_entry(struct pt_regs *ctx, PROFILE *profile, const void *key)
 	return op_entry(ctx, KS_EVICT_CALL, (u64)profile, (u64)key, 0, KS_NO_SLOT);
 }
 
-int evict_return(struct pt_regs *ctx) { return op_return(ctx, KS_EVICT_RETURN); }
+int evict_return(struct pt_regs *ctx) { return op_return(ctx, KS_EVICT_RETURN, (s32)PT_REGS_RC(ctx)); }
 
 /* -- reprogram_all ----------------------------------------------------------- */
 int reprogram_entry(struct pt_regs *ctx, PROFILE *profile)
@@ -195,7 +202,7 @@ int reprogram_entry(struct pt_regs *ctx, PROFILE *profile)
 	return op_entry(ctx, KS_REPROGRAM_CALL, (u64)profile, 0, 0, KS_NO_SLOT);
 }
 
-int reprogram_return(struct pt_regs *ctx) { return op_return(ctx, KS_REPROGRAM_RETURN); }
+int reprogram_return(struct pt_regs *ctx) { return op_return(ctx, KS_REPROGRAM_RETURN, 0); }
 
 /* -- driver callbacks: (profile, key, unsigned int slot) ------------------------ */
 int program_entry(struct pt_regs *ctx, PROFILE *profile, const void *key, unsigned int slot)
@@ -203,14 +210,14 @@ int program_entry(struct pt_regs *ctx, PROFILE *profile, const void *key, unsign
 	return op_entry(ctx, KS_PROGRAM_CALL, (u64)profile, (u64)key, 0, (s32)slot);
 }
 
-int program_return(struct pt_regs *ctx) { return op_return(ctx, KS_PROGRAM_RETURN); }
+int program_return(struct pt_regs *ctx) { return op_return(ctx, KS_PROGRAM_RETURN, (s32)PT_REGS_RC(ctx)); }
 
 int drv_evict_entry(struct pt_regs *ctx, PROFILE *profile, const void *key, unsigned int slot)
 {
 	return op_entry(ctx, KS_DRV_EVICT_CALL, (u64)profile, (u64)key, 0, (s32)slot);
 }
 
-int drv_evict_return(struct pt_regs *ctx) { return op_return(ctx, KS_DRV_EVICT_RETURN); }
+int drv_evict_return(struct pt_regs *ctx) { return op_return(ctx, KS_DRV_EVICT_RETURN, (s32)PT_REGS_RC(ctx)); }
 
 /* -- profile life cycle ------------------------------------------------------------ */
 int init_entry(struct pt_regs *ctx, PROFILE *profile, unsigned int num_slots)
@@ -228,11 +235,11 @@ int init_passthrough_entry(struct pt_regs *ctx, PROFILE *profile)
 	return 0;
 }
 
-int init_return(struct pt_regs *ctx)
+static __always_inline int init_exit(void *ctx, int rc)
 {
 	struct frame f;
 	s32 flags = 0;
-	if (!pop(&f) || PT_REGS_RC(ctx) != 0)
+	if (!pop(&f) || rc != 0)
 		return 0; /* a failed init creates no profile */
 #if KS_FALLBACK_SYM
 	/* The fallback profile is a static struct (5.8-6.4) or a pointer to a
@@ -246,6 +253,8 @@ int init_return(struct pt_regs *ctx)
 	return 0;
 }
 
+int init_return(struct pt_regs *ctx) { return init_exit(ctx, (int)PT_REGS_RC(ctx)); }
+
 int init_passthrough_return(struct pt_regs *ctx)
 {
 	struct frame f;
@@ -254,7 +263,7 @@ int init_passthrough_return(struct pt_regs *ctx)
 	return 0;
 }
 
-int destroy_entry(struct pt_regs *ctx, PROFILE *profile)
+static __always_inline int destroy_enter(void *ctx, PROFILE *profile)
 {
 	struct frame f = {.profile = (u64)profile, .slot = KS_NO_SLOT};
 	if (profile)
@@ -262,7 +271,9 @@ int destroy_entry(struct pt_regs *ctx, PROFILE *profile)
 	return 0;
 }
 
-int register_entry(struct pt_regs *ctx, PROFILE *profile, struct request_queue *q)
+int destroy_entry(struct pt_regs *ctx, PROFILE *profile) { return destroy_enter(ctx, profile); }
+
+static __always_inline int register_enter(void *ctx, PROFILE *profile, struct request_queue *q)
 {
 	struct ks_event e = {};
 	e.ts_ns = bpf_ktime_get_ns();
@@ -280,3 +291,63 @@ int register_entry(struct pt_regs *ctx, PROFILE *profile, struct request_queue *
 	events.perf_submit(ctx, &e, sizeof(e));
 	return 0;
 }
+
+int register_entry(struct pt_regs *ctx, PROFILE *profile, struct request_queue *q)
+{
+	return register_enter(ctx, profile, q);
+}
+
+/*
+ * fentry/fexit variants (BTF trampolines), with the same bodies. Arguments and
+ * return values are read with bpf_get_func_arg/ret (5.17+), not from the typed
+ * context: the verifier treats typed pointers as BTF objects (no arithmetic on
+ * them, and get's pointer-to-pointer argument cannot be read at all on 6.1),
+ * while the bodies want plain addresses, exactly as kprobes give them. A
+ * kernel without these helpers refuses to load the program and record falls
+ * back to kprobes. One macro per entry/return function above.
+ */
+static long (*ks_get_func_arg)(void *ctx, u32 n, u64 *value) = (void *)183; /* BPF_FUNC_get_func_arg */
+static long (*ks_get_func_ret)(void *ctx, u64 *value) = (void *)184;        /* BPF_FUNC_get_func_ret */
+
+static __always_inline u64 ks_arg(void *ctx, u32 n)
+{
+	u64 v = 0;
+	ks_get_func_arg(ctx, n, &v);
+	return v;
+}
+
+static __always_inline s32 ks_ret(void *ctx)
+{
+	u64 v = 0;
+	ks_get_func_ret(ctx, &v);
+	return (s32)v;
+}
+
+#define KS_FENTRY_get_entry(sym) KFUNC_PROBE(sym) \
+	{ return op_entry(ctx, KS_GET_CALL, ks_arg(ctx, 0), ks_arg(ctx, 1), ks_arg(ctx, 2), KS_NO_SLOT); }
+#define KS_FEXIT_get_return(sym) KRETFUNC_PROBE(sym) { return get_exit(ctx, (u8)ks_ret(ctx)); }
+#define KS_FENTRY_put_entry(sym) KFUNC_PROBE(sym) { return put_enter(ctx, (void *)ks_arg(ctx, 0)); }
+#define KS_FEXIT_put_return(sym) KRETFUNC_PROBE(sym) { return op_return(ctx, KS_PUT_RETURN, 0); }
+#define KS_FENTRY_evict_entry(sym) KFUNC_PROBE(sym) \
+	{ return op_entry(ctx, KS_EVICT_CALL, ks_arg(ctx, 0), ks_arg(ctx, 1), 0, KS_NO_SLOT); }
+#define KS_FEXIT_evict_return(sym) KRETFUNC_PROBE(sym) { return op_return(ctx, KS_EVICT_RETURN, ks_ret(ctx)); }
+#define KS_FENTRY_reprogram_entry(sym) KFUNC_PROBE(sym) \
+	{ return op_entry(ctx, KS_REPROGRAM_CALL, ks_arg(ctx, 0), 0, 0, KS_NO_SLOT); }
+#define KS_FEXIT_reprogram_return(sym) KRETFUNC_PROBE(sym) { return op_return(ctx, KS_REPROGRAM_RETURN, 0); }
+#define KS_FENTRY_program_entry(sym) KFUNC_PROBE(sym) \
+	{ return op_entry(ctx, KS_PROGRAM_CALL, ks_arg(ctx, 0), ks_arg(ctx, 1), 0, (s32)ks_arg(ctx, 2)); }
+#define KS_FEXIT_program_return(sym) KRETFUNC_PROBE(sym) { return op_return(ctx, KS_PROGRAM_RETURN, ks_ret(ctx)); }
+#define KS_FENTRY_drv_evict_entry(sym) KFUNC_PROBE(sym) \
+	{ return op_entry(ctx, KS_DRV_EVICT_CALL, ks_arg(ctx, 0), ks_arg(ctx, 1), 0, (s32)ks_arg(ctx, 2)); }
+#define KS_FEXIT_drv_evict_return(sym) KRETFUNC_PROBE(sym) \
+	{ return op_return(ctx, KS_DRV_EVICT_RETURN, ks_ret(ctx)); }
+#define KS_FENTRY_init_entry(sym) KFUNC_PROBE(sym) \
+	{ struct frame f = {.profile = ks_arg(ctx, 0), .num_slots = (u32)ks_arg(ctx, 1)}; push(&f); return 0; }
+#define KS_FEXIT_init_return(sym) KRETFUNC_PROBE(sym) { return init_exit(ctx, ks_ret(ctx)); }
+#define KS_FENTRY_init_passthrough_entry(sym) KFUNC_PROBE(sym) \
+	{ struct frame f = {.profile = ks_arg(ctx, 0)}; push(&f); return 0; }
+#define KS_FEXIT_init_passthrough_return(sym) KRETFUNC_PROBE(sym) \
+	{ struct frame f; if (pop(&f)) emit(ctx, KS_PROFILE_INIT, &f, 0); return 0; }
+#define KS_FENTRY_destroy_entry(sym) KFUNC_PROBE(sym) { return destroy_enter(ctx, (PROFILE *)ks_arg(ctx, 0)); }
+#define KS_FENTRY_register_entry(sym) KFUNC_PROBE(sym) \
+	{ return register_enter(ctx, (PROFILE *)ks_arg(ctx, 0), (struct request_queue *)ks_arg(ctx, 1)); }

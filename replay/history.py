@@ -44,7 +44,7 @@ _PARENTS = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class OpRecord:
     """One operation as observed: its events and, once complete, its model input."""
 

@@ -186,10 +186,16 @@ EXIT_CANNOT_TRACE = 1
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
               help="Trace file to write (format v1 NDJSON).")
 @click.option("--duration", type=click.FloatRange(min=0), help="Stop after this many seconds (default: Ctrl-C).")
+@click.option("-d", "--disk", metavar="DISK",
+              help="Only DISK's profiles (registered while recording, e.g. ksdisk0, dm-0) and the "
+                   "blk-crypto-fallback profile, which every disk without native support shares.")
+@click.option("--probe-type", type=click.Choice(["auto", "fentry", "kprobe"]), default="auto", show_default=True,
+              help="fentry/fexit (BTF trampolines) where the kernel has them, else kprobes.")
 @click.option("--semantics", type=click.Choice(["mainline-keep", "mainline-unlink", "android"]),
               help="Semantics to write in the header (default: detected from the kernel's symbols).")
 @click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and its flags, and exit.")
-def record(output: str, duration: float | None, semantics: str | None, ebpf: bool) -> None:
+def record(output: str, duration: float | None, disk: str | None, probe_type: str, semantics: str | None,
+           ebpf: bool) -> None:
     """Record the kernel's keyslot-manager events into a trace (root, bcc).
 
     Probes are chosen from /proc/kallsyms and tracefs for this kernel's API
@@ -208,17 +214,19 @@ def record(output: str, duration: float | None, semantics: str | None, ebpf: boo
 
     try:
         check_privileges()
-        setup = prepare(semantics=semantics)
+        setup = prepare(semantics=semantics, probe_type=probe_type)
         if ebpf:
-            click.echo(f"// cflags: {' '.join(setup.cflags)}\n{bpf_source()}")
+            click.echo(f"// cflags: {' '.join(setup.cflags)}\n{bpf_source(setup)}")
             return
         import_bcc()
         with open(output, "wb") as out:
-            rec = Recorder(out, setup)
+            rec = Recorder(out, setup, disk=disk)
             seconds = rec.attach()
             for line in describe(setup.attachments):
                 click.echo(line, err=True)
-            click.echo(f"{setup.generation} API, {setup.semantics} semantics; compiled and attached in "
+            if rec.fentry_error:
+                click.echo(f"fentry failed ({rec.fentry_error}): using kprobes", err=True)
+            click.echo(f"{setup.generation} API, {setup.semantics} semantics, {setup.probe_type} probes; compiled and attached in "
                        f"{seconds:.1f}s; recording to {output}" + ("" if duration else " (Ctrl-C to stop)"), err=True)
             counts = rec.run(duration)
     except ProbeError as e:
@@ -249,38 +257,93 @@ def doctor() -> None:
 
 
 @cli.command()
-@click.option("--from", "trace_path", required=True, type=click.Path(dir_okay=False), metavar="FILE",
-              help="Recorded trace to replay.")
+@click.option("--from", "trace_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Replay a recorded trace instead of watching the kernel.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              help="Live: also record the events into this trace file (as `record -o` would).")
 @click.option("--speed", default=1.0, show_default=True, type=click.FloatRange(min=0),
-              help="Replay at X times the trace's own pace; 0 = as fast as possible.")
-@click.option("--check", is_flag=True, help="Run the reference model too and mark its first divergence in red.")
+              help="With --from: replay at X times the trace's own pace; 0 = as fast as possible.")
+@click.option("--check", is_flag=True,
+              help="With --from: run the reference model too and mark its first divergence in red.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per interval instead of the screen.")
 @click.argument("interval", required=False, default=1.0, type=click.FloatRange(min=0, min_open=True))
 @click.argument("count", required=False, type=click.IntRange(min=1))
-def top(trace_path: str, speed: float, check: bool, as_json: bool, interval: float, count: int | None) -> None:
-    """Show keyslots, gets, hits, waits and latencies as a recorded trace replays.
+@click.pass_context
+def top(ctx: click.Context, trace_path: str | None, output: str | None, speed: float, check: bool, as_json: bool,
+        interval: float, count: int | None) -> None:
+    """Show keyslots, gets, hits, waits and latencies, live from the kernel (root, bcc) or from a trace.
 
     Per profile: each slot's key, refcount, LRU rank, programs and last program
-    latency, as the trace reports them. INTERVAL (seconds of trace time,
-    default 1) is the rate window; when stdout is not a terminal, one plain
-    block (or --json line) is printed per INTERVAL. COUNT stops after that many
-    intervals. Exit status: 0; 1 if --check showed a divergence; 2 bad input.
-    Keys: q quit, p pause, tab/arrows profile, s sort, / filter, ? help.
+    latency, as the kernel reports them. INTERVAL (seconds, default 1) is the
+    rate window: wall-clock seconds live, seconds of trace time with --from.
+    When stdout is not a terminal, one plain block (or --json line) is printed
+    per INTERVAL. COUNT stops after that many intervals; live, Ctrl-C or
+    SIGTERM also stops (after printing the interval in progress). Exit status:
+    0; 1 if tracing cannot work here, or if --check showed a divergence; 2 bad
+    input. Keys: q quit, p pause, tab/arrows profile, s sort, / filter, ? help.
 
     \b
     Examples:
-      keyslot-trace top --from trace.ndjson               # at the trace's own pace
+      sudo keyslot-trace top                              # live, on this kernel's probes
+      sudo keyslot-trace top -o trace.ndjson --json 5 12  # a JSON line per 5 s for a minute, and a trace
+      keyslot-trace top --from trace.ndjson               # a recorded trace, at its own pace
       keyslot-trace top --from bad.ndjson --speed 0 --check
       keyslot-trace top --from trace.ndjson --json 0.01   # a JSON line per 10 ms of trace
     """
     from replay.trace import TraceFormatError, read_trace
     from tracer import top as top_view
 
+    if trace_path is None:
+        given = [f"--{n}" for n in ("speed", "check")
+                 if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
+        if given:
+            _fail_bad_input(f"{' and '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} "
+                            "to a recorded trace (--from FILE)")
+        _top_live(output, as_json, interval, count)
+        return
+    if output is not None:
+        _fail_bad_input("-o records the live kernel; with --from FILE the trace is already recorded")
     try:
         trace = read_trace(trace_path)
     except TraceFormatError as e:
         _fail_bad_input(str(e))
     sys.exit(top_view.run(trace, speed=speed, check=check, as_json=as_json, interval_s=interval, count=count))
+
+
+def _top_live(output: str | None, as_json: bool, interval: float, count: int | None) -> None:
+    """`top` without --from: attach the probes as `record` does and watch them."""
+    import contextlib
+
+    from tracer import top as top_view
+    from tracer.probes import ProbeError
+    from tracer.record import Recorder, check_privileges, describe, import_bcc, prepare
+
+    try:
+        check_privileges()
+        setup = prepare()
+        import_bcc()
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(open(output, "wb")) if output else None
+            rec = Recorder(out, setup)
+            try:
+                click.echo("compiling and attaching the probes...", err=True)
+                seconds = rec.attach()
+            except BaseException:
+                rec.detach()
+                raise
+            for line in describe(setup.attachments):
+                click.echo(line, err=True)
+            click.echo(f"{setup.generation} API, {setup.semantics} semantics; compiled and attached in "
+                       f"{seconds:.1f}s; watching" + (f", recording to {output}" if output else ""), err=True)
+            status = top_view.run_live(rec, as_json=as_json, interval_s=interval, count=count,
+                                       name=f"live -> {output}" if output else "live")
+    except ProbeError as e:
+        click.echo(f"keyslot-trace: {e}", err=True)
+        sys.exit(EXIT_CANNOT_TRACE)
+    except OSError as e:
+        click.echo(f"keyslot-trace: {output}: {e.strerror or e}", err=True)
+        sys.exit(EXIT_CANNOT_TRACE)
+    sys.exit(status)
 
 
 def main() -> None:

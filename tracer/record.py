@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import IO
+from typing import IO, Callable
 
 import orjson
 
@@ -51,9 +51,15 @@ class Setup:
     semantics: str
     attachments: list[Attachment]
     cflags: list[str]
+    probe_type: str = "kprobe"  # or "fentry"
 
 
-def prepare(ks: KernelSymbols | None = None, semantics: str | None = None) -> Setup:
+def fentry_supported(ks: KernelSymbols) -> bool:
+    """BTF trampolines: kernel BTF and bpf_trampoline_link_prog (x86-64 since 5.5, arm64 since 6.0)."""
+    return os.path.exists("/sys/kernel/btf/vmlinux") and "bpf_trampoline_link_prog" in ks.functions
+
+
+def prepare(ks: KernelSymbols | None = None, semantics: str | None = None, probe_type: str = "auto") -> Setup:
     """Decide what to attach on this kernel, or raise ProbeError saying why nothing can be."""
     ks = ks or KernelSymbols.read()
     generation = detect_generation(ks)
@@ -71,11 +77,25 @@ def prepare(ks: KernelSymbols | None = None, semantics: str | None = None) -> Se
         cflags.append("-DKS_GEN_BLK_KSM")
     else:
         cflags.append("-DKS_Q_HAS_DISK")  # request_queue->disk exists from 5.15
-    return Setup(generation, semantics or detect_semantics(ks, generation), attachments, cflags)
+    if probe_type == "auto":
+        probe_type = "fentry" if fentry_supported(ks) else "kprobe"
+    elif probe_type == "fentry" and not fentry_supported(ks):
+        raise ProbeError("fentry/fexit needs kernel BTF (/sys/kernel/btf/vmlinux) and BPF trampolines")
+    return Setup(generation, semantics or detect_semantics(ks, generation), attachments, cflags, probe_type)
 
 
-def bpf_source() -> str:
-    return resources.files("probes").joinpath("keyslot.bpf.c").read_text()
+def bpf_source(setup: Setup | None = None) -> str:
+    """The BPF program; in fentry mode, with one fentry/fexit pair per attached symbol."""
+    text = resources.files("probes").joinpath("keyslot.bpf.c").read_text()
+    if setup is None or setup.probe_type != "fentry":
+        return text
+    lines = []
+    for a in setup.attachments:
+        if a.attached:
+            lines.append(f"KS_FENTRY_{a.spec.entry}({a.symbol})")
+            if a.spec.ret:
+                lines.append(f"KS_FEXIT_{a.spec.ret}({a.symbol})")
+    return text + "\n" + "\n".join(lines) + "\n"
 
 
 def describe(attachments: list[Attachment]) -> list[str]:
@@ -84,17 +104,31 @@ def describe(attachments: list[Attachment]) -> list[str]:
 
 
 class Recorder:
-    def __init__(self, out: IO[bytes], setup: Setup):
-        self.out, self.setup = out, setup
+    """Attach the probes and decode their events into trace-format records.
+
+    ``out`` gets the trace (header and one line per event); ``on_record``, if
+    given, is called with each event record (a dict) as well, in the order the
+    per-CPU buffers deliver them (not sorted by time across CPUs). ``run`` is
+    the whole recording; ``start``/``poll``/``close`` let a caller (live
+    ``top``) drive the same machinery from its own loop.
+    """
+
+    def __init__(self, out: IO[bytes] | None, setup: Setup, on_record: Callable[[dict], None] | None = None,
+                 disk: str | None = None):
+        self.out, self.setup, self.on_record, self.disk = out, setup, on_record, disk
         self.stop_requested = False
         self.bpf = None
+        self.decoder: Decoder | None = None
+        self.attach_start_ns: int | None = None  # CLOCK_MONOTONIC just before the first probe was attached
+        self._events = None
+        self.fentry_error: str | None = None  # why fentry failed and kprobes were used instead
 
     def header(self) -> Header:
         return Header(
             kernel=platform.release(), api=self.setup.generation, semantics=self.setup.semantics,
             tool=f"keyslot-trace {__version__}", host=platform.node(),
             start_time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            extra={"probes": [{"name": a.spec.name, "symbol": a.symbol, "attached": a.attached,
+            extra={"probe_type": self.setup.probe_type, "probes": [{"name": a.spec.name, "symbol": a.symbol, "attached": a.attached,
                                **({} if a.attached else {"reason": a.reason})} for a in self.setup.attachments]},
         )
 
@@ -102,11 +136,20 @@ class Recorder:
         """Compile and attach; returns the seconds it took."""
         bcc = import_bcc()
         t0 = time.monotonic()
+        if self.setup.probe_type == "fentry":
+            try:  # bcc attaches every fentry/fexit program while loading
+                self.attach_start_ns = time.monotonic_ns()
+                self.bpf = bcc.BPF(text=bpf_source(self.setup), cflags=self.setup.cflags)
+                return time.monotonic() - t0
+            except Exception as e:
+                self.fentry_error = str(e)  # e.g. a symbol without BTF: fall back to kprobes
+                self.setup.probe_type = "kprobe"
         try:
             self.bpf = bcc.BPF(text=bpf_source(), cflags=self.setup.cflags)
         except Exception as e:  # bcc raises bare Exception; clang's messages are already on stderr
             raise ProbeError(f"compiling the BPF program failed ({e}); kernel headers: "
                              "/lib/modules/$(uname -r)/build or CONFIG_IKHEADERS") from None
+        self.attach_start_ns = time.monotonic_ns()
         for a in self.setup.attachments:
             if not a.attached:
                 continue
@@ -120,41 +163,68 @@ class Recorder:
                 a.attached, a.reason = False, f"attach failed: {e}"
         return time.monotonic() - t0
 
-    def run(self, duration: float | None = None) -> dict[str, int]:
-        """Record until ``duration`` seconds pass or SIGINT/SIGTERM. Returns event counts."""
-        write_line = self.out.write
+    def start(self, header: Header | None = None) -> Decoder:
+        """Write the header and open one perf reader per CPU. Returns the decoder (its counts)."""
+        out, on_record = self.out, self.on_record
+        write_line = out.write if out is not None else None
         start_t = time.monotonic_ns()  # CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns()
 
-        def write(record: dict) -> None:
-            write_line(orjson.dumps(record) + b"\n")
+        if on_record is None:
+            def write(record: dict) -> None:
+                write_line(orjson.dumps(record) + b"\n")
+        elif write_line is None:
+            write = on_record
+        else:
+            def write(record: dict) -> None:
+                write_line(orjson.dumps(record) + b"\n")
+                on_record(record)
 
-        decoder = Decoder(write)
-        write_line(orjson.dumps(self.header().to_json()) + b"\n")
+        decoder = self.decoder = Decoder(write, only_device=self.disk)
+        if write_line is not None:
+            write_line(orjson.dumps((header or self.header()).to_json()) + b"\n")
 
         def on_event(cpu, data, size):
             decoder.event(RawEvent.from_buffer_copy(ctypes.string_at(data, ctypes.sizeof(RawEvent))))
 
-        events = self.bpf["events"]
+        events = self._events = self.bpf["events"]
         # One reader per CPU, so that a loss is known per CPU and its marker
         # can be placed after the last event read from that CPU.
         from bcc.utils import get_online_cpus
         for cpu in get_online_cpus():
             events._open_perf_buffer(cpu, on_event, PERF_PAGES,
                                      lambda n, cpu=cpu: decoder.lost(cpu, n, start_t), 1)
+        return decoder
 
+    def poll(self, timeout_ms: int) -> None:
+        """Read what the kernel has buffered, waiting up to ``timeout_ms`` for the first event."""
+        self.bpf.perf_buffer_poll(timeout=timeout_ms)
+
+    def close(self) -> None:
+        """Drain, close the readers, detach every probe and flush the file. Idempotent."""
+        try:
+            if self.bpf is not None and self._events is not None:
+                self.bpf.perf_buffer_poll(timeout=0)  # drain what is already buffered
+        finally:
+            if self._events is not None:
+                for cpu in list(self._events._open_key_fds):  # close the readers before bcc's cleanup does it twice
+                    del self._events[cpu]
+                self._events = None
+            self.detach()
+            if self.out is not None:
+                self.out.flush()
+
+    def run(self, duration: float | None = None) -> dict[str, int]:
+        """Record until ``duration`` seconds pass or SIGINT/SIGTERM. Returns event counts."""
+        decoder = self.start()
         old = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         deadline = None if duration is None else time.monotonic() + duration
         try:
             while not self.stop_requested and (deadline is None or time.monotonic() < deadline):
-                self.bpf.perf_buffer_poll(timeout=100)
-            self.bpf.perf_buffer_poll(timeout=0)  # drain what is already buffered
+                self.poll(100)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-            for cpu in list(events._open_key_fds):  # close the readers before bcc's cleanup does it twice
-                del events[cpu]
-            self.detach()
-            self.out.flush()
+            self.close()
         return decoder.counts
 
     def _request_stop(self, signum, frame) -> None:

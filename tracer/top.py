@@ -1,6 +1,8 @@
-"""keyslot-trace top: a live view of the keyslot manager, replayed from a recorded trace.
+"""keyslot-trace top: a live view of the keyslot manager, from the kernel's probes
+or replayed from a recorded trace.
 
-USAGE: keyslot-trace top --from FILE [--speed X] [--check] [--json] [interval [count]]
+USAGE: keyslot-trace top [-o FILE] [--json] [interval [count]]                   (live: root, bcc)
+       keyslot-trace top --from FILE [--speed X] [--check] [--json] [interval [count]]
 
 Three parts, kept apart (shared/style-anchors.md section 5):
 
@@ -10,12 +12,16 @@ Three parts, kept apart (shared/style-anchors.md section 5):
 
 An event source is anything with ``poll(limit) -> list[Event]`` (the events
 due now), ``wait_s()`` (seconds until the next one is due) and ``done``;
-FileSource replays a trace file at a chosen pace, and a live recorder can
-offer the same three members.
+FileSource replays a trace file at a chosen pace; LiveSource takes them from
+a tracer.record.Recorder as the kernel reports them. A live source also has
+``horizon()``: the trace time before which every event has been delivered,
+so that intervals close on time when nothing happens.
 
 Intervals are measured in *trace time* (the events' own clock): when a file
 is replayed faster than real time, ``top --from FILE 1`` still reports per
 second of what the kernel did, and its output does not depend on --speed.
+Live, trace time is CLOCK_MONOTONIC, so an interval is a wall-clock interval
+starting when the probes were attached.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import bisect
 import math
 import os
 import select
+import signal
 import sys
 import termios
 import time
@@ -38,7 +45,7 @@ from rich.live import Live
 
 from replay import checker
 from replay.report import describe_op
-from replay.trace import Event, Trace
+from replay.trace import Event, Trace, _parse_event
 from tracer.tui.aggregate import Aggregator, Interval, Snapshot
 from tracer.tui.render import SORTS, View, json_record, plain_block, render, visible_profiles
 
@@ -95,6 +102,89 @@ class FileSource:
 
 _T = attrgetter("t")
 
+LIVE_SLACK_NS = 200_000_000  # an event is released once it is this old: per-CPU buffers deliver out of order
+LIVE_POLL_S = 0.05  # how often the live loop reads the perf buffers when idle
+
+
+class LiveSource:
+    """Events from the kernel's probes, through a tracer.record.Recorder (attached,
+    not yet started), in time order.
+
+    Each CPU has its own perf buffer, so events arrive sorted per CPU but not
+    across CPUs. Every read starts by noting the clock; after it, every event
+    stamped more than LIVE_SLACK_NS before that moment has been read (the slack
+    covers an event stamped just before its CPU was preempted and submitted
+    after the read). Those are released, sorted; the rest wait. ``horizon()`` is
+    that moment minus the slack. Events are validated with the trace reader's
+    own parser, so live and recorded events are the same objects; ``line`` is
+    the event's line in the -o file if there is one.
+    """
+
+    speed = 1.0  # paced by the kernel
+    live = True
+
+    def __init__(self, recorder, clock: Callable[[], int] = time.monotonic_ns):
+        self.recorder, self.clock = recorder, clock
+        self.header = recorder.header()
+        self._new: list[Event] = []
+        self._ready: list[Event] = []  # released, sorted, not yet polled
+        self._i = 0
+        self._n = 1  # line numbers: the header is line 1
+        self._stopping = False
+        self.done = False
+        self.late = 0  # events that arrived after their time had been released (counted where they landed)
+        recorder.on_record = self._on_record
+        recorder.start(self.header)
+        self.t0 = recorder.attach_start_ns or self.clock()  # no event can be older
+        self._horizon = self.t0
+
+    def _on_record(self, obj: dict) -> None:
+        self._n += 1
+        ev = _parse_event("<live>", self._n, obj)
+        if ev.t < self._horizon:
+            self.late += 1
+        self._new.append(ev)
+
+    def stop(self) -> None:
+        """Finish: the next poll drains the buffers, detaches, and releases everything."""
+        self._stopping = True
+
+    def poll(self, limit: int = BATCH) -> list[Event]:
+        if self.done:
+            return []
+        if self._i >= len(self._ready):
+            self._ready, self._i = [], 0
+            now = self.clock()
+            if self._stopping:
+                self.recorder.close()
+                now = max([now] + [e.t + 1 for e in self._new])
+                self._horizon = now
+            else:
+                self.recorder.poll(0)
+                self._horizon = max(self._horizon, now - LIVE_SLACK_NS)
+            if self._new:
+                self._new.sort(key=_T)
+                k = bisect.bisect_left(self._new, self._horizon, key=_T)
+                self._ready, self._new = self._new[:k], self._new[k:]
+        batch = self._ready[self._i:self._i + limit]
+        self._i += len(batch)
+        if self._stopping and self._i >= len(self._ready):
+            self.done = True
+        return batch
+
+    def horizon(self) -> int:
+        """Every event before this trace time has been returned by poll()."""
+        return self._ready[self._i].t if self._i < len(self._ready) else self._horizon
+
+    def wait_s(self) -> float:
+        return 0.0 if self._i < len(self._ready) or self._stopping else LIVE_POLL_S
+
+    def pause(self, paused: bool) -> None:
+        pass  # the kernel does not pause: the screen freezes, events keep being read and counted
+
+    def close(self) -> None:
+        self.recorder.close()
+
 
 class CheckMarks:
     """--check: the reference model's first divergence per profile, revealed
@@ -141,12 +231,50 @@ def run(trace: Trace, *, speed: float = 1.0, check: bool = False, as_json: bool 
     return _run_screen(agg, source, marks, count, key_fd, View(speed=speed))
 
 
-def _apply(agg: Aggregator, batch: list[Event], on_interval: Callable[[Interval], bool]) -> bool:
-    """Apply events, calling on_interval for each interval they close; True: stop (count reached)."""
+def run_live(recorder, *, as_json: bool = False, interval_s: float = 1.0, count: int | None = None,
+             out: TextIO | None = None, name: str = "live", clock: Callable[[], int] = time.monotonic_ns) -> int:
+    """Watch the kernel through ``recorder`` (a tracer.record.Recorder, attached) into
+    the screen or into plain/JSON lines until COUNT intervals, q, Ctrl-C or SIGTERM.
+    Detaches before returning. Returns the exit status (0)."""
+    out = out or sys.stdout
+    source = LiveSource(recorder, clock)
+    agg = Aggregator(source.header, name, max(1, round(interval_s * 1e9)))
+    agg.start_at(source.t0)
+    key_fd = None if as_json or not out.isatty() else _open_keys()
+    old: dict = {}
+    try:
+        if key_fd is None:
+            stop = lambda signum, frame: source.stop()  # noqa: E731
+            old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+            return _run_lines(agg, source, None, as_json, count, out)
+        old = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt)}
+        return _run_screen(agg, source, None, count, key_fd, View(live=True))
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        source.close()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _close_to_horizon(agg: Aggregator, source, on_interval: Callable[[Interval], bool]) -> bool:
+    """Live: close the intervals that ended before the source's horizon, even if
+    nothing happened in them. True: stop (count reached)."""
+    horizon = getattr(source, "horizon", None)
+    if horizon is None or agg.interval_start is None:
+        return False
+    return any(on_interval(iv) for iv in agg.advance_to(horizon(), skip_idle=False))
+
+
+def _apply(agg: Aggregator, batch: list[Event], on_interval: Callable[[Interval], bool], live: bool = False) -> bool:
+    """Apply events, calling on_interval for each interval they close; True: stop (count reached).
+    Live, idle intervals are reported too (as bcc tools do)."""
     end = math.inf if agg.interval_start is None else agg.interval_start + agg.interval_ns
     for ev in batch:
         if ev.t >= end:
-            for iv in agg.advance_to(ev.t):
+            for iv in agg.advance_to(ev.t, skip_idle=not live):
                 if on_interval(iv):
                     return True
             end = agg.interval_start + agg.interval_ns
@@ -159,7 +287,7 @@ def _apply(agg: Aggregator, batch: list[Event], on_interval: Callable[[Interval]
 # -- plain and JSON lines (stdout is not a terminal, or --json) ----------------------
 
 
-def _run_lines(agg: Aggregator, source: FileSource, marks: CheckMarks | None, as_json: bool,
+def _run_lines(agg: Aggregator, source: FileSource | LiveSource, marks: CheckMarks | None, as_json: bool,
                count: int | None, out: TextIO) -> int:
     printed = 0
 
@@ -169,7 +297,7 @@ def _run_lines(agg: Aggregator, source: FileSource, marks: CheckMarks | None, as
         snap = agg.snapshot(marks.shown if marks else None)
         snap = replace(snap, elapsed_ns=iv.end - (agg.t_first or 0))
         if as_json:
-            line = orjson.dumps(json_record(snap, iv.counts, iv.seconds, iv.lost)).decode()
+            line = orjson.dumps(json_record(snap, iv.counts, iv.seconds, iv.lost, (iv.start, iv.end))).decode()
         else:
             line = plain_block(snap, iv.counts, iv.seconds, iv.lost, new) + "\n"
         out.write(line + "\n")
@@ -177,15 +305,22 @@ def _run_lines(agg: Aggregator, source: FileSource, marks: CheckMarks | None, as
         printed += 1
         return count is not None and printed >= count
 
+    live = getattr(source, "live", False)
     try:
         while not source.done:
             batch = source.poll()
+            if batch and _apply(agg, batch, emit, live):
+                break
+            if live and _close_to_horizon(agg, source, emit):
+                break
             if not batch:
                 time.sleep(min(max(source.wait_s(), TICK_S), 1.0))
-            elif _apply(agg, batch, emit):
-                break
         else:
-            if agg.events and agg.t_last >= (agg.interval_start or 0):  # the last, partial interval
+            if live:  # stopped: the interval in progress, up to the stop
+                end = source.horizon()
+                if end > (agg.interval_start or 0):
+                    emit(agg.current(end))
+            elif agg.events and agg.t_last >= (agg.interval_start or 0):  # the last, partial interval
                 iv = agg.current()
                 emit(replace(iv, end=iv.end + 1))
     except BrokenPipeError:  # `top ... | head`
@@ -250,7 +385,7 @@ def _open_keys() -> int | None:
         return None
 
 
-def _run_screen(agg: Aggregator, source: FileSource, marks: CheckMarks | None, count: int | None,
+def _run_screen(agg: Aggregator, source: FileSource | LiveSource, marks: CheckMarks | None, count: int | None,
                 fd: int, view: View) -> int:
     console = Console(highlight=False)
     intervals = 0
@@ -260,6 +395,7 @@ def _run_screen(agg: Aggregator, source: FileSource, marks: CheckMarks | None, c
         intervals += 1
         return count is not None and intervals >= count
 
+    is_live = getattr(source, "live", False)  # paused: the screen freezes, the kernel's events are still read
     saved = termios.tcgetattr(fd)
     try:
         tty.setcbreak(fd)  # keys arrive one by one, unechoed; Ctrl-C still interrupts
@@ -267,20 +403,26 @@ def _run_screen(agg: Aggregator, source: FileSource, marks: CheckMarks | None, c
                   redirect_stderr=False) as live:
             snap, size, next_draw, dirty = agg.snapshot(), None, 0.0, True
             while True:
-                if not view.paused and not source.done:
+                if (is_live or not view.paused) and not source.done:
                     batch = source.poll()
                     if batch:
-                        if _apply(agg, batch, on_interval):
+                        if _apply(agg, batch, on_interval, is_live):
                             break
                         if marks:
                             marks.reach(agg.t_last)
                         dirty = True
                     elif source.done:
                         dirty = True  # draw "end of trace"
+                    if is_live:
+                        last = agg.last_interval
+                        if _close_to_horizon(agg, source, on_interval):
+                            break
+                        dirty |= agg.last_interval is not last  # rates change even when nothing happens
                 now = time.monotonic()
                 force = console.size != size
                 if force or (dirty and now >= next_draw):
-                    snap = agg.snapshot(marks.shown if marks else None, finished=source.done)
+                    if not (is_live and view.paused):
+                        snap = agg.snapshot(marks.shown if marks else None, finished=source.done)
                     view = replace(view, check=marks.status(source.done) if marks else None)
                     size = console.size
                     live.update(render(snap, size.width, size.height, view), refresh=True)

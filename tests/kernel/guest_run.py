@@ -1,6 +1,8 @@
 #!/usr/bin/python3
 """Inside the test VM: record the kernel with the real `keyslot-trace record`
-while tests/kernel/workload.py runs scenarios, and leave everything in --out.
+while scenarios run, and leave everything in --out. Scenarios come from
+tests/kernel/workload.py (fscrypt through blk-crypto-fallback), or with
+--ko from tests/ksdisk/guest_scenarios.py (the ksdisk test disk).
 
 Writes to OUT: trace.ndjson, record.log, <scenario>.json (workload reports),
 doctor.txt, run.json (per-scenario CLOCK_MONOTONIC windows in ns, exit codes,
@@ -26,6 +28,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--scenario", action="append", required=True)
+    ap.add_argument("--ko", help="ksdisk.ko: run tests/ksdisk/guest_scenarios.py scenarios")
+    ap.add_argument("--record-arg", action="append", default=[], help="extra argument for record")
     args = ap.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -38,7 +42,8 @@ def main() -> int:
 
     log = open(out / "record.log", "w")
     t0 = time.monotonic()
-    rec = subprocess.Popen(TOOL + ["record", "-o", str(out / "trace.ndjson")], env=env, stderr=log, stdout=log)
+    rec = subprocess.Popen(TOOL + ["record", "-o", str(out / "trace.ndjson"), *args.record_arg], env=env,
+                           stderr=log, stdout=log)
     while "recording to" not in (out / "record.log").read_text():
         if rec.poll() is not None:
             run["record_rc"] = rec.returncode
@@ -55,8 +60,12 @@ def main() -> int:
     status = 0
     for name in args.scenario:
         start = time.monotonic_ns()
-        w = subprocess.run([sys.executable, str(ROOT / "tests/kernel/workload.py"), "--scenario", name,
-                            "--report", str(out / f"{name}.json")], capture_output=True, text=True)
+        if args.ko:
+            cmd = [str(ROOT / "tests/ksdisk/guest_scenarios.py"), "--ko", args.ko, "--no-probes"]
+        else:
+            cmd = [str(ROOT / "tests/kernel/workload.py")]
+        w = subprocess.run([sys.executable, *cmd, "--scenario", name, "--report", str(out / f"{name}.json")],
+                           capture_output=True, text=True)
         run["scenarios"][name] = {"start_ns": start, "end_ns": time.monotonic_ns(), "rc": w.returncode,
                                   "stderr": w.stderr[-2000:]}
         status |= w.returncode != 0

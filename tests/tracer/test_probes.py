@@ -62,3 +62,20 @@ def test_missing_required_probe_is_one_clear_error():
     ks = KernelSymbols.parse(KALLSYMS_61, TRACEABLE.replace("blk_crypto_put_keyslot", ""))
     with pytest.raises(ProbeError, match="blk_crypto_put_keyslot"):
         prepare(ks)
+
+
+def test_fentry_mode_instantiates_one_pair_per_attached_symbol(monkeypatch):
+    from tracer import record
+
+    monkeypatch.setattr(record, "fentry_supported", lambda ks: True)
+    setup = prepare(KernelSymbols.parse(KALLSYMS_61, TRACEABLE))
+    assert setup.probe_type == "fentry" and all(f.startswith("-") for f in setup.cflags)
+    text = record.bpf_source(setup)
+    assert "KS_FENTRY_get_entry(blk_crypto_get_keyslot)\nKS_FEXIT_get_return(blk_crypto_get_keyslot)" in text
+    assert "KS_FENTRY_program_entry(ksdisk_keyslot_program)" in text
+    assert "KS_FEXIT_destroy" not in text  # entry-only probes get no exit program
+    for line in text.splitlines():  # every instantiated macro is defined in the C file
+        if line.startswith("KS_FENTRY_") or line.startswith("KS_FEXIT_"):
+            assert f"#define {line.split('(')[0]}(sym)" in text
+    kprobes = prepare(KernelSymbols.parse(KALLSYMS_61, TRACEABLE), probe_type="kprobe")
+    assert record.bpf_source(kprobes) == record.bpf_source()  # kprobe mode adds nothing

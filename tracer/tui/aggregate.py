@@ -221,6 +221,11 @@ class Aggregator:
         }
         self._dispatch = {k: handlers.get(k.name, _ignore) for k in EventKind}
 
+    def start_at(self, t: int) -> None:
+        """Start the clock at trace time ``t`` instead of at the first event (live: intervals
+        of wall time from when the probes were attached, whether or not anything happens)."""
+        self.t_first = self.interval_start = self.t_last = t
+
     # -- events --
 
     def apply(self, ev: Event) -> None:
@@ -388,19 +393,21 @@ class Aggregator:
 
     # -- intervals --
 
-    def advance_to(self, t: int) -> list[Interval]:
+    def advance_to(self, t: int, skip_idle: bool = True) -> list[Interval]:
         """Close every interval that ended at or before trace time ``t``.
 
-        Intervals are ``interval_ns`` long, starting at the first event. Runs
-        of intervals in which nothing happened are skipped, so a long gap in a
-        trace is one jump, not thousands of empty intervals."""
+        Intervals are ``interval_ns`` long, starting at the first event. With
+        ``skip_idle`` (replaying a file), runs of intervals in which nothing
+        happened are skipped, so a long gap in a trace is one jump, not
+        thousands of empty intervals; live, every interval is reported."""
         closed: list[Interval] = []
         if self.interval_start is None:
             return closed
         while t >= self.interval_start + self.interval_ns:
             end = self.interval_start + self.interval_ns
             closed.append(self._close(end))
-            self.interval_start = end + (t - end) // self.interval_ns * self.interval_ns
+            skipped = (t - end) // self.interval_ns if skip_idle else 0
+            self.interval_start = end + skipped * self.interval_ns
         return closed
 
     def current(self, end: int | None = None) -> Interval:

@@ -54,6 +54,7 @@ class View:
     paused: bool = False
     speed: float = 0.0  # 0: as fast as possible
     check: str | None = None  # --check status in words, None without --check
+    live: bool = False  # watching the kernel, not replaying a file
 
 
 def visible_profiles(snap: Snapshot, view: View) -> list[ProfileView]:
@@ -105,8 +106,11 @@ def render(snap: Snapshot, width: int, height: int, view: View = View()) -> Rend
 
 def _header(snap: Snapshot, view: View) -> Group:
     h = snap.header
-    state = ("PAUSED" if view.paused else "end of trace" if snap.finished
-             else f"{view.speed:g}x" if view.speed else "max speed")
+    if view.live:
+        state = "PAUSED (still recording)" if view.paused else "stopped" if snap.finished else "LIVE"
+    else:
+        state = ("PAUSED" if view.paused else "end of trace" if snap.finished
+                 else f"{view.speed:g}x" if view.speed else "max speed")
     check = ()
     if view.check:
         check = (("check: " + view.check, "bold red" if "DIVERGED" in view.check else "green"), "  ")
@@ -319,8 +323,10 @@ def plain_block(snap: Snapshot, iv_counts: dict[str, Counts], seconds: float, lo
     return "\n".join(lines)
 
 
-def json_record(snap: Snapshot, iv_counts: dict[str, Counts], seconds: float, lost: int) -> dict:
-    """One interval as a JSON object (--json)."""
+def json_record(snap: Snapshot, iv_counts: dict[str, Counts], seconds: float, lost: int,
+                window: tuple[int, int] | None = None) -> dict:
+    """One interval as a JSON object (--json). ``window``: the interval's [start, end) in
+    trace-clock nanoseconds (CLOCK_MONOTONIC for live and recorded traces)."""
     def counts(c: Counts) -> dict:
         d = {k: getattr(c, k) for k in Counts.__slots__}
         d.update(hit_pct=c.hit_pct, **{f"{k}_per_s": getattr(c, k) / seconds if seconds > 0 else None
@@ -329,6 +335,7 @@ def json_record(snap: Snapshot, iv_counts: dict[str, Counts], seconds: float, lo
 
     return {
         "t_s": snap.elapsed_ns / 1e9, "interval_s": seconds, "lost": lost,
+        **({"start_ns": window[0], "end_ns": window[1]} if window else {}),
         **counts(sum(iv_counts.values(), Counts())),
         "profiles": [
             {"id": p.id, "device": p.device, "num_slots": p.num_slots, **counts(iv_counts.get(p.id, Counts())),
