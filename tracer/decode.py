@@ -110,9 +110,10 @@ class Decoder:
             fields["result"] = e.result
         self._write(e, kind, pid, **fields)
 
-    def lost(self, cpu: int, count: int, start_t: int) -> None:
-        """Events lost on ``cpu``: they came after the last event read from that CPU."""
-        t = self.last_t.get(cpu, start_t)
+    def lost(self, cpu: int, count: int, start_t: int, at: int | None = None) -> None:
+        """Events lost on ``cpu``: they came after the last event read from that CPU
+        (or after ``at``). count 0: an unknown number may be missing."""
+        t = at if at is not None else self.last_t.get(cpu, start_t)
         self.counts["lost"] = self.counts.get("lost", 0) + count
         self.write({"t": t, "cpu": cpu, "tid": 0, "ev": "lost", "p": None, "count": count})
 

@@ -103,6 +103,7 @@ class KernelSymbols:
     traceable: set[str] = field(default_factory=set)
     blacklist: set[str] = field(default_factory=set)
     data: dict[str, int] = field(default_factory=dict)  # data symbols we care about -> address
+    module_addresses: dict[str, int] = field(default_factory=dict)  # module function -> address
 
     @classmethod
     def parse(cls, kallsyms: str, filter_functions: str | None, blacklist: str = "") -> "KernelSymbols":
@@ -114,6 +115,8 @@ class KernelSymbols:
             addr, typ, name = parts[:3]
             if typ in "tTwW":
                 ks.functions[name] = parts[3].strip("[]") if len(parts) > 3 else ""
+                if len(parts) > 3:  # module functions move when the module is loaded again
+                    ks.module_addresses[name] = int(addr, 16)
             elif name in FALLBACK_SYMBOLS:
                 ks.data[name] = int(addr, 16)
         if filter_functions is None:  # no tracefs: assume kallsyms functions are traceable

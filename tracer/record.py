@@ -12,7 +12,6 @@ import datetime
 import os
 import platform
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -20,7 +19,7 @@ from typing import IO, Callable
 
 import orjson
 
-from probes.events import RawEvent
+from probes.events import EventKind, RawEvent
 from replay.trace import Header
 from tracer import __version__
 from tracer.decode import Decoder
@@ -122,6 +121,9 @@ class Recorder:
         self.attach_start_ns: int | None = None  # CLOCK_MONOTONIC just before the first probe was attached
         self._events = None
         self.fentry_error: str | None = None  # why fentry failed and kprobes were used instead
+        self._rescan = self._destroyed = False
+        self._init_t: int | None = None  # earliest profile_init since the last rescan
+        self._late: dict[str, int] = {}  # driver callbacks attached after start (modules loaded later) -> address
 
     def header(self) -> Header:
         return Header(
@@ -137,9 +139,9 @@ class Recorder:
         bcc = import_bcc()
         t0 = time.monotonic()
         if self.setup.probe_type == "fentry":
-            try:  # bcc attaches every fentry/fexit program while loading
-                self.attach_start_ns = time.monotonic_ns()
+            try:  # bcc attaches every fentry/fexit program at the end of loading
                 self.bpf = bcc.BPF(text=bpf_source(self.setup), cflags=self.setup.cflags)
+                self.attach_start_ns = time.monotonic_ns()
                 return time.monotonic() - t0
             except Exception as e:
                 self.fentry_error = str(e)  # e.g. a symbol without BTF: fall back to kprobes
@@ -184,7 +186,13 @@ class Recorder:
             write_line(orjson.dumps((header or self.header()).to_json()) + b"\n")
 
         def on_event(cpu, data, size):
-            decoder.event(RawEvent.from_buffer_copy(ctypes.string_at(data, ctypes.sizeof(RawEvent))))
+            e = RawEvent.from_buffer_copy(ctypes.string_at(data, ctypes.sizeof(RawEvent)))
+            if e.kind == EventKind.profile_init:
+                self._rescan = True  # perhaps a driver module loaded since the probes were attached
+                self._init_t = min(self._init_t or e.ts_ns, e.ts_ns)
+            elif e.kind == EventKind.profile_destroy:
+                self._destroyed = True
+            decoder.event(e)
 
         events = self._events = self.bpf["events"]
         # One reader per CPU, so that a loss is known per CPU and its marker
@@ -198,6 +206,58 @@ class Recorder:
     def poll(self, timeout_ms: int) -> None:
         """Read what the kernel has buffered, waiting up to ``timeout_ms`` for the first event."""
         self.bpf.perf_buffer_poll(timeout=timeout_ms)
+        if self._rescan:
+            self._rescan = False
+            self.attach_late_drivers()
+
+    def attach_late_drivers(self) -> None:
+        """Attach to the callbacks of driver modules loaded after recording started.
+
+        They are attached when a profile_init arrives (a module initialises its
+        profile while it loads), as kprobes (the program text has them in either
+        mode), and again when the module is loaded again. The module's first
+        callbacks may run before that, so each late attach writes a lost marker
+        at the profile's creation: replay resynchronises instead of mistaking a
+        missed program call for a hit."""
+        ks = KernelSymbols.read()
+        attached_now = False
+        gone = _gone_kprobes()
+        if gone is None:  # cannot tell: after a profile was destroyed, assume its module may have reloaded
+            gone = set(self._late) if self._destroyed else set()
+        self._destroyed = False
+        for spec in GENERATIONS[self.setup.generation]:
+            if not spec.every_match:
+                continue
+            for sym in spec.candidates:
+                if ks.functions.get(sym, "") == "" or not ks.status(sym)[0]:
+                    continue  # built in (attached at start) or not loaded
+                address = ks.module_addresses.get(sym)
+                if self._late.get(sym) == address and sym not in gone:
+                    continue  # attached, and the module has not been loaded again since
+                if sym not in self._late and any(a.symbol == sym and a.attached for a in self.setup.attachments):
+                    continue  # the module was there at start
+                self._detach_late(sym)
+                try:
+                    self.bpf.attach_kprobe(event=sym, fn_name=spec.entry)
+                    self.bpf.attach_kretprobe(event=sym, fn_name=spec.ret, maxactive=spec.maxactive)
+                except Exception:  # bcc raises bare Exception: e.g. the module is still initialising
+                    self._detach_late(sym)
+                    self._rescan = True  # try again at the next poll
+                    continue
+                self._late[sym] = address
+                attached_now = True
+        if attached_now and self.decoder is not None:
+            self.decoder.lost(0, 0, self._init_t or time.monotonic_ns(), at=self._init_t)
+        if not self._rescan:  # nothing left to retry
+            self._init_t = None
+
+    def _detach_late(self, sym: str) -> None:
+        self._late.pop(sym, None)
+        for detach in (self.bpf.detach_kprobe, self.bpf.detach_kretprobe):
+            try:
+                detach(event=sym)
+            except Exception:  # bcc raises bare Exception: not attached, or the old module's probe is gone
+                pass
 
     def close(self) -> None:
         """Drain, close the readers, detach every probe and flush the file. Idempotent."""
@@ -236,5 +296,14 @@ class Recorder:
             self.bpf = None
 
 
-def log_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _gone_kprobes() -> set[str] | None:
+    """Functions whose kprobes the kernel marks [GONE]: their module was unloaded
+    (it may have been loaded again at the same address). None: debugfs unreadable."""
+    try:
+        with open("/sys/kernel/debug/kprobes/list") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    return {ln.split()[2].split("+")[0] for ln in lines if "[GONE]" in ln and len(ln.split()) > 2}
+
+

@@ -81,9 +81,9 @@ def test_top_counts_equal_the_recorded_trace_per_interval(live_run):
     assert not any(e.kind.name == "lost" for e in trace.events)
     assert all(x["lost"] == 0 for x in lines)
     seen = {name: sum(x[name] for x in lines) for name in KINDS}
-    uses = json.loads((live_run["out"] / f"{SCENARIO}.json").read_text())["scenarios"][0]["expected_key_uses"]
-    assert seen["gets"] >= uses and seen["programs"] > SLOTS and seen["evicts"] > 0, seen  # top saw the workload
-    assert sum(1 for x in lines if x["gets"]) >= 2  # the workload spans several intervals
+    files = json.loads((live_run["out"] / f"{SCENARIO}.json").read_text())["scenarios"][0]["files"]
+    # top saw the workload: every file's key was used (page-cache hits can spare a few of the 3 uses each)
+    assert seen["gets"] >= files and seen["programs"] > SLOTS and seen["evicts"] >= files, seen
     for x in lines:
         assert {n: x[n] for n in KINDS} == counts_in(trace, x["start_ns"], x["end_ns"]), x["start_ns"]
 

@@ -1,0 +1,859 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * ksdisk: a blk-mq RAM disk with a (software) inline-encryption engine, for
+ * exercising the blk-crypto keyslot manager (struct blk_crypto_profile) with a
+ * real driver on Linux 6.1.
+ *
+ * - num_slots > 0: a keyslot profile.  keyslot_program keys the slot's
+ *   "xts(aes)" tfm with the raw key; each request is en/decrypted with the tfm
+ *   of the slot the block layer assigned to it (rq->crypt_keyslot), using the
+ *   request's DUN.  A slot holding the wrong key therefore corrupts data.
+ * - num_slots = 0: a passthrough profile (no keyslots, like Exynos FMP): the
+ *   key comes with each request (rq->crypt_ctx->bc_key); a cached tfm is
+ *   re-keyed when the key bytes change.
+ *
+ * The IV of a data unit is its DUN as little-endian 64-bit words, exactly as
+ * blk-crypto-fallback does, so data written through the fallback and through
+ * ksdisk are interchangeable.
+ *
+ * Fault and timing knobs, all writable at runtime under
+ * /sys/module/ksdisk/parameters/ (see README.md): fail_program_nth,
+ * fail_program_repeat, program_delay_us, fail_evict, reprogram_all, hold_ms.
+ * Counters: /sys/module/ksdisk/parameters/stats (read-only).
+ *
+ * Test code only.  Key bytes are used to key the tfms and are never logged.
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/module.h>
+#include <linux/moduleparam.h>
+#include <linux/blkdev.h>
+#include <linux/blk-mq.h>
+#include <linux/blk-crypto.h>
+#include <linux/blk-crypto-profile.h>
+#include <linux/highmem.h>
+#include <linux/hrtimer.h>
+#include <linux/workqueue.h>
+#include <linux/scatterlist.h>
+#include <linux/delay.h>
+#include <linux/rwsem.h>
+#include <linux/mutex.h>
+#include <linux/random.h>
+#include <crypto/skcipher.h>
+
+#ifndef CONFIG_BLK_INLINE_ENCRYPTION
+#error "ksdisk needs CONFIG_BLK_INLINE_ENCRYPTION"
+#endif
+
+#define KSDISK_NAME "ksdisk"
+#define KSDISK_MAX_SLOTS 64
+
+/* ------------------------------------------------------------------ params */
+
+static unsigned int size_mb = 64;
+module_param(size_mb, uint, 0444);
+MODULE_PARM_DESC(size_mb, "disk size in MiB (default 64)");
+
+static unsigned int num_slots = 4;
+module_param(num_slots, uint, 0444);
+MODULE_PARM_DESC(num_slots, "keyslots (0 = passthrough profile, max 64; default 4)");
+
+static unsigned int nr_hw_queues = 1;
+module_param(nr_hw_queues, uint, 0444);
+MODULE_PARM_DESC(nr_hw_queues, "hardware queues (default 1)");
+
+static unsigned int queue_depth = 64;
+module_param(queue_depth, uint, 0444);
+MODULE_PARM_DESC(queue_depth, "tags per hardware queue (default 64)");
+
+static bool dus_512 = true;
+module_param(dus_512, bool, 0444);
+MODULE_PARM_DESC(dus_512, "advertise data unit size 512 as well as 4096 (default Y)");
+
+static unsigned int program_delay_us;
+module_param(program_delay_us, uint, 0644);
+MODULE_PARM_DESC(program_delay_us, "sleep this long in every keyslot_program call");
+
+static bool fail_evict;
+module_param(fail_evict, bool, 0644);
+MODULE_PARM_DESC(fail_evict, "keyslot_evict returns -EIO (slot left programmed)");
+
+static bool fail_program_repeat;
+module_param(fail_program_repeat, bool, 0644);
+MODULE_PARM_DESC(fail_program_repeat, "0: fail only the Nth program call; 1: every Nth");
+
+static unsigned int hold_ms;
+module_param(hold_ms, uint, 0644);
+MODULE_PARM_DESC(hold_ms, "complete each request this many ms after processing it");
+
+static atomic_t program_seq = ATOMIC_INIT(0);	/* calls since fail_program_nth was set */
+static unsigned int fail_program_nth;
+
+static int fail_nth_set(const char *val, const struct kernel_param *kp)
+{
+	int ret = param_set_uint(val, kp);
+
+	if (!ret)
+		atomic_set(&program_seq, 0);
+	return ret;
+}
+
+static const struct kernel_param_ops fail_nth_ops = {
+	.set = fail_nth_set,
+	.get = param_get_uint,
+};
+module_param_cb(fail_program_nth, &fail_nth_ops, &fail_program_nth, 0644);
+MODULE_PARM_DESC(fail_program_nth,
+		 "keyslot_program returns -EIO on the Nth call counted from the last write of this parameter (0 = off); with fail_program_repeat=1 on every Nth");
+
+/* ------------------------------------------------------------------ device */
+
+struct ksdisk_slot {
+	struct crypto_sync_skcipher *tfm;
+	struct rw_semaphore lock;	/* write: (re)keying; read: I/O */
+	bool programmed;
+	atomic_t inflight;		/* requests in the driver using this slot */
+	atomic_t max_inflight;
+	atomic_t programs;
+	atomic_t evicts;
+};
+
+struct ksdisk_stats {
+	atomic_t program_calls, program_ok, program_injected_failures, program_errors;
+	atomic_t evict_calls, evict_slot_calls, evict_passthrough_calls, evict_null_key;
+	atomic_t evict_injected_failures;
+	atomic_t reprogram_all_calls, reset_sims, scrambles;
+	atomic_t rq_plain, rq_crypt_slot, rq_crypt_passthrough, rq_flush, rq_errors;
+	atomic_t rq_unprogrammed_slot, passthrough_rekeys;
+	atomic_t inflight, max_inflight;
+	atomic64_t bytes_encrypted, bytes_decrypted;
+};
+
+struct ksdisk_dev {
+	struct gendisk *disk;
+	struct blk_mq_tag_set tag_set;
+	struct blk_crypto_profile profile;
+	unsigned int num_slots;
+	struct ksdisk_slot *slots;
+	/* passthrough (num_slots == 0) */
+	struct mutex pt_lock;
+	struct crypto_sync_skcipher *pt_tfm;
+	bool pt_valid;
+	unsigned int pt_key_size;
+	u8 pt_key[BLK_CRYPTO_MAX_KEY_SIZE];
+	/* RAM store */
+	struct page **pages;
+	unsigned long npages;
+	u64 size;
+	struct ksdisk_stats st;
+};
+
+struct ksdisk_cmd {
+	struct work_struct work;
+	struct hrtimer timer;
+	struct request *rq;
+	blk_status_t status;
+	int slot;			/* slot counted in ->inflight, or -1 */
+};
+
+static struct ksdisk_dev *ksdisk;
+static int ksdisk_major;
+static struct workqueue_struct *ksdisk_wq;
+static DEFINE_MUTEX(ksdisk_ctl_lock);	/* reprogram_all vs module init/exit */
+
+static void atomic_max(atomic_t *m, int v)
+{
+	int old = atomic_read(m);
+
+	while (old < v) {
+		int prev = atomic_cmpxchg(m, old, v);
+
+		if (prev == old)
+			break;
+		old = prev;
+	}
+}
+
+/* ------------------------------------------------------------------ ll_ops */
+
+static int ksdisk_keyslot_program(struct blk_crypto_profile *profile,
+				  const struct blk_crypto_key *key,
+				  unsigned int slot)
+{
+	struct ksdisk_dev *d = container_of(profile, struct ksdisk_dev, profile);
+	unsigned int delay = READ_ONCE(program_delay_us);
+	unsigned int nth = READ_ONCE(fail_program_nth);
+	int n = atomic_inc_return(&program_seq);
+	struct ksdisk_slot *s;
+	int err;
+
+	atomic_inc(&d->st.program_calls);
+	if (delay)
+		fsleep(delay);
+	if (nth && (READ_ONCE(fail_program_repeat) ? n % nth == 0 : n == nth)) {
+		atomic_inc(&d->st.program_injected_failures);
+		return -EIO;
+	}
+	if (slot >= d->num_slots ||
+	    key->crypto_cfg.crypto_mode != BLK_ENCRYPTION_MODE_AES_256_XTS) {
+		atomic_inc(&d->st.program_errors);
+		return -EINVAL;
+	}
+	s = &d->slots[slot];
+	down_write(&s->lock);
+	err = crypto_sync_skcipher_setkey(s->tfm, key->raw, key->size);
+	s->programmed = !err;
+	up_write(&s->lock);
+	if (err) {
+		atomic_inc(&d->st.program_errors);
+		return err;
+	}
+	atomic_inc(&s->programs);
+	atomic_inc(&d->st.program_ok);
+	return 0;
+}
+
+static int ksdisk_keyslot_evict(struct blk_crypto_profile *profile,
+				const struct blk_crypto_key *key,
+				unsigned int slot)
+{
+	struct ksdisk_dev *d = container_of(profile, struct ksdisk_dev, profile);
+	struct ksdisk_slot *s;
+
+	atomic_inc(&d->st.evict_calls);
+	if (!key)
+		atomic_inc(&d->st.evict_null_key);
+	if (READ_ONCE(fail_evict)) {
+		atomic_inc(&d->st.evict_injected_failures);
+		return -EIO;
+	}
+	if (d->num_slots == 0) {
+		/* passthrough: slot is (unsigned)-1; forget the cached key */
+		atomic_inc(&d->st.evict_passthrough_calls);
+		mutex_lock(&d->pt_lock);
+		if (key && d->pt_valid && d->pt_key_size == key->size &&
+		    !memcmp(d->pt_key, key->raw, key->size)) {
+			d->pt_valid = false;
+			memzero_explicit(d->pt_key, sizeof(d->pt_key));
+		}
+		mutex_unlock(&d->pt_lock);
+		return 0;
+	}
+	if (slot >= d->num_slots)
+		return -EINVAL;
+	atomic_inc(&d->st.evict_slot_calls);
+	s = &d->slots[slot];
+	down_write(&s->lock);
+	s->programmed = false;
+	up_write(&s->lock);
+	atomic_inc(&s->evicts);
+	return 0;
+}
+
+static const struct blk_crypto_ll_ops ksdisk_ll_ops = {
+	.keyslot_program = ksdisk_keyslot_program,
+	.keyslot_evict = ksdisk_keyslot_evict,
+};
+
+/* ------------------------------------------------------------------ I/O */
+
+union ksdisk_iv {
+	__le64 dun[BLK_CRYPTO_DUN_ARRAY_SIZE];
+	u8 bytes[BLK_CRYPTO_MAX_IV_SIZE];
+};
+
+static void dun_increment(u64 dun[BLK_CRYPTO_DUN_ARRAY_SIZE])
+{
+	int i;
+
+	for (i = 0; i < BLK_CRYPTO_DUN_ARRAY_SIZE; i++)
+		if (++dun[i] != 0)
+			break;
+}
+
+/* scatterlist for [pos, pos+len) of the store; len <= PAGE_SIZE, so <= 2 pages */
+static int store_sg(struct ksdisk_dev *d, u64 pos, unsigned int len,
+		    struct scatterlist sg[2])
+{
+	unsigned long idx = pos >> PAGE_SHIFT;
+	unsigned int off = offset_in_page(pos);
+	unsigned int first = min_t(unsigned int, len, PAGE_SIZE - off);
+
+	if (first == len) {
+		sg_init_table(sg, 1);
+		sg_set_page(&sg[0], d->pages[idx], len, off);
+		return 1;
+	}
+	sg_init_table(sg, 2);
+	sg_set_page(&sg[0], d->pages[idx], first, off);
+	sg_set_page(&sg[1], d->pages[idx + 1], len - first, 0);
+	return 2;
+}
+
+static void copy_plain(struct ksdisk_dev *d, u64 pos, void *buf,
+		       unsigned int len, bool write)
+{
+	while (len) {
+		unsigned long idx = pos >> PAGE_SHIFT;
+		unsigned int off = offset_in_page(pos);
+		unsigned int n = min_t(unsigned int, len, PAGE_SIZE - off);
+		void *p = kmap_local_page(d->pages[idx]);
+
+		if (write)
+			memcpy(p + off, buf, n);
+		else
+			memcpy(buf, p + off, n);
+		kunmap_local(p);
+		pos += n;
+		buf += n;
+		len -= n;
+	}
+}
+
+static blk_status_t ksdisk_crypt_rq(struct ksdisk_dev *d, struct request *rq,
+				    struct crypto_sync_skcipher *tfm, u64 pos,
+				    bool write)
+{
+	const struct bio_crypt_ctx *bc = rq->crypt_ctx;
+	const unsigned int du = bc->bc_key->crypto_cfg.data_unit_size;
+	u64 dun[BLK_CRYPTO_DUN_ARRAY_SIZE];
+	struct req_iterator iter;
+	struct bio_vec bv;
+	union ksdisk_iv iv;
+	int i;
+	SYNC_SKCIPHER_REQUEST_ON_STACK(req, tfm);
+
+	memcpy(dun, bc->bc_dun, sizeof(dun));
+	skcipher_request_set_sync_tfm(req, tfm);
+	skcipher_request_set_callback(req, 0, NULL, NULL);
+	rq_for_each_segment(bv, rq, iter) {
+		unsigned int off;
+
+		if (!IS_ALIGNED(bv.bv_len | bv.bv_offset, du))
+			return BLK_STS_IOERR;
+		for (off = 0; off < bv.bv_len; off += du) {
+			struct scatterlist ssg[2], bsg;
+			int err;
+
+			store_sg(d, pos, du, ssg);
+			sg_init_table(&bsg, 1);
+			sg_set_page(&bsg, bv.bv_page, du, bv.bv_offset + off);
+			for (i = 0; i < BLK_CRYPTO_DUN_ARRAY_SIZE; i++)
+				iv.dun[i] = cpu_to_le64(dun[i]);
+			if (write) {
+				skcipher_request_set_crypt(req, &bsg, ssg, du, iv.bytes);
+				err = crypto_skcipher_encrypt(req);
+			} else {
+				skcipher_request_set_crypt(req, ssg, &bsg, du, iv.bytes);
+				err = crypto_skcipher_decrypt(req);
+			}
+			if (err)
+				return BLK_STS_IOERR;
+			dun_increment(dun);
+			pos += du;
+		}
+	}
+	skcipher_request_zero(req);
+	if (write)
+		atomic64_add(blk_rq_bytes(rq), &d->st.bytes_encrypted);
+	else
+		atomic64_add(blk_rq_bytes(rq), &d->st.bytes_decrypted);
+	return BLK_STS_OK;
+}
+
+static blk_status_t ksdisk_do_rq(struct ksdisk_dev *d, struct ksdisk_cmd *cmd)
+{
+	struct request *rq = cmd->rq;
+	const struct bio_crypt_ctx *bc = rq->crypt_ctx;
+	u64 pos = (u64)blk_rq_pos(rq) << SECTOR_SHIFT;
+	bool write;
+	blk_status_t sts;
+
+	switch (req_op(rq)) {
+	case REQ_OP_FLUSH:
+		atomic_inc(&d->st.rq_flush);
+		return BLK_STS_OK;
+	case REQ_OP_READ:
+		write = false;
+		break;
+	case REQ_OP_WRITE:
+		write = true;
+		break;
+	default:
+		return BLK_STS_NOTSUPP;
+	}
+	if (pos + blk_rq_bytes(rq) > d->size)
+		return BLK_STS_IOERR;
+
+	if (!bc) {
+		struct req_iterator iter;
+		struct bio_vec bv;
+
+		atomic_inc(&d->st.rq_plain);
+		rq_for_each_segment(bv, rq, iter) {
+			void *p = kmap_local_page(bv.bv_page);
+
+			copy_plain(d, pos, p + bv.bv_offset, bv.bv_len, write);
+			kunmap_local(p);
+			pos += bv.bv_len;
+		}
+		return BLK_STS_OK;
+	}
+
+	if (bc->bc_key->crypto_cfg.crypto_mode != BLK_ENCRYPTION_MODE_AES_256_XTS)
+		return BLK_STS_IOERR;
+
+	if (d->num_slots) {
+		struct ksdisk_slot *s;
+		unsigned int idx;
+
+		if (!rq->crypt_keyslot)
+			return BLK_STS_IOERR;
+		idx = blk_crypto_keyslot_index(rq->crypt_keyslot);
+		if (idx >= d->num_slots)
+			return BLK_STS_IOERR;
+		s = &d->slots[idx];
+		atomic_inc(&d->st.rq_crypt_slot);
+		cmd->slot = idx;
+		atomic_max(&s->max_inflight, atomic_inc_return(&s->inflight));
+		down_read(&s->lock);
+		if (!s->programmed) {
+			/* hardware would use whatever is in the slot; fail loudly */
+			atomic_inc(&d->st.rq_unprogrammed_slot);
+			sts = BLK_STS_IOERR;
+		} else {
+			sts = ksdisk_crypt_rq(d, rq, s->tfm, pos, write);
+		}
+		up_read(&s->lock);
+		return sts;
+	}
+
+	/* passthrough: no keyslots, the key travels with the request */
+	atomic_inc(&d->st.rq_crypt_passthrough);
+	mutex_lock(&d->pt_lock);
+	if (!d->pt_valid || d->pt_key_size != bc->bc_key->size ||
+	    memcmp(d->pt_key, bc->bc_key->raw, bc->bc_key->size)) {
+		int err = crypto_sync_skcipher_setkey(d->pt_tfm, bc->bc_key->raw,
+						      bc->bc_key->size);
+		atomic_inc(&d->st.passthrough_rekeys);
+		if (err) {
+			d->pt_valid = false;
+			mutex_unlock(&d->pt_lock);
+			return BLK_STS_IOERR;
+		}
+		memcpy(d->pt_key, bc->bc_key->raw, bc->bc_key->size);
+		d->pt_key_size = bc->bc_key->size;
+		d->pt_valid = true;
+	}
+	sts = ksdisk_crypt_rq(d, rq, d->pt_tfm, pos, write);
+	mutex_unlock(&d->pt_lock);
+	return sts;
+}
+
+static void ksdisk_finish(struct ksdisk_cmd *cmd)
+{
+	struct ksdisk_dev *d = cmd->rq->q->queuedata;
+
+	if (cmd->slot >= 0)
+		atomic_dec(&d->slots[cmd->slot].inflight);
+	cmd->slot = -1;
+	atomic_dec(&d->st.inflight);
+	if (cmd->status)
+		atomic_inc(&d->st.rq_errors);
+	if (likely(!blk_should_fake_timeout(cmd->rq->q)))
+		blk_mq_complete_request(cmd->rq);
+}
+
+static enum hrtimer_restart ksdisk_timer_fn(struct hrtimer *t)
+{
+	ksdisk_finish(container_of(t, struct ksdisk_cmd, timer));
+	return HRTIMER_NORESTART;
+}
+
+static void ksdisk_work_fn(struct work_struct *w)
+{
+	struct ksdisk_cmd *cmd = container_of(w, struct ksdisk_cmd, work);
+	unsigned int hold = READ_ONCE(hold_ms);
+
+	cmd->status = ksdisk_do_rq(cmd->rq->q->queuedata, cmd);
+	if (hold)
+		hrtimer_start(&cmd->timer, ms_to_ktime(hold), HRTIMER_MODE_REL);
+	else
+		ksdisk_finish(cmd);
+}
+
+static blk_status_t ksdisk_queue_rq(struct blk_mq_hw_ctx *hctx,
+				    const struct blk_mq_queue_data *bd)
+{
+	struct ksdisk_cmd *cmd = blk_mq_rq_to_pdu(bd->rq);
+	struct ksdisk_dev *d = hctx->queue->queuedata;
+
+	cmd->rq = bd->rq;
+	cmd->slot = -1;
+	cmd->status = BLK_STS_OK;
+	blk_mq_start_request(bd->rq);
+	atomic_max(&d->st.max_inflight, atomic_inc_return(&d->st.inflight));
+	queue_work(ksdisk_wq, &cmd->work);
+	return BLK_STS_OK;
+}
+
+static void ksdisk_complete_rq(struct request *rq)
+{
+	struct ksdisk_cmd *cmd = blk_mq_rq_to_pdu(rq);
+
+	blk_mq_end_request(rq, cmd->status);
+}
+
+static enum blk_eh_timer_return ksdisk_timeout(struct request *rq)
+{
+	/* requests are only ever delayed on purpose (hold_ms); keep waiting */
+	return BLK_EH_RESET_TIMER;
+}
+
+static int ksdisk_init_request(struct blk_mq_tag_set *set, struct request *rq,
+			       unsigned int hctx_idx, unsigned int numa_node)
+{
+	struct ksdisk_cmd *cmd = blk_mq_rq_to_pdu(rq);
+
+	INIT_WORK(&cmd->work, ksdisk_work_fn);
+	hrtimer_init(&cmd->timer, CLOCK_MONOTONIC, HRTIMER_MODE_REL);
+	cmd->timer.function = ksdisk_timer_fn;
+	cmd->slot = -1;
+	return 0;
+}
+
+static const struct blk_mq_ops ksdisk_mq_ops = {
+	.queue_rq = ksdisk_queue_rq,
+	.complete = ksdisk_complete_rq,
+	.timeout = ksdisk_timeout,
+	.init_request = ksdisk_init_request,
+};
+
+static const struct block_device_operations ksdisk_fops = {
+	.owner = THIS_MODULE,
+};
+
+/* ------------------------------------------------------------------ control params */
+
+static int reprogram_all_get(char *buf, const struct kernel_param *kp)
+{
+	return sysfs_emit(buf, "0\n");
+}
+
+/* 1: blk_crypto_reprogram_all_keys() as a driver does after a host reset.
+ * 2: simulated reset: freeze the queue, overwrite every programmed slot with a
+ *    random key (the "hardware" lost its keys), reprogram all, unfreeze.  Data
+ *    stays intact only because the reprogram restores the keys. */
+static int reprogram_all_set(const char *val, const struct kernel_param *kp)
+{
+	unsigned int v;
+	int ret = kstrtouint(val, 0, &v);
+
+	if (ret)
+		return ret;
+	if (v != 1 && v != 2)
+		return -EINVAL;
+	mutex_lock(&ksdisk_ctl_lock);
+	if (ksdisk) {
+		struct ksdisk_dev *d = ksdisk;
+
+		if (v == 2) {
+			unsigned int i;
+			u8 junk[64];
+
+			blk_mq_freeze_queue(d->disk->queue);
+			atomic_inc(&d->st.reset_sims);
+			for (i = 0; i < d->num_slots; i++) {
+				struct ksdisk_slot *s = &d->slots[i];
+
+				get_random_bytes(junk, sizeof(junk));
+				down_write(&s->lock);
+				if (s->programmed)
+					crypto_sync_skcipher_setkey(s->tfm, junk, 64);
+				up_write(&s->lock);
+			}
+			memzero_explicit(junk, sizeof(junk));
+		}
+		atomic_inc(&d->st.reprogram_all_calls);
+		blk_crypto_reprogram_all_keys(&d->profile);
+		if (v == 2)
+			blk_mq_unfreeze_queue(d->disk->queue);
+	}
+	mutex_unlock(&ksdisk_ctl_lock);
+	return 0;
+}
+
+/* Write 1: overwrite every programmed slot with a random key, with no reprogram:
+ * the "hardware" silently lost its keys.  Reads through those slots now return
+ * garbage (proves the engine really uses the slot's key); reprogram_all=1 fixes it.
+ * Not serialized against in-flight I/O: use it with the disk idle. */
+static int scramble_slots_set(const char *val, const struct kernel_param *kp)
+{
+	unsigned int v, i;
+	int ret = kstrtouint(val, 0, &v);
+	u8 junk[64];
+
+	if (ret)
+		return ret;
+	if (v != 1)
+		return -EINVAL;
+	mutex_lock(&ksdisk_ctl_lock);
+	if (ksdisk) {
+		for (i = 0; i < ksdisk->num_slots; i++) {
+			struct ksdisk_slot *s = &ksdisk->slots[i];
+
+			get_random_bytes(junk, sizeof(junk));
+			down_write(&s->lock);
+			if (s->programmed)
+				crypto_sync_skcipher_setkey(s->tfm, junk, 64);
+			up_write(&s->lock);
+		}
+		atomic_inc(&ksdisk->st.scrambles);
+	}
+	mutex_unlock(&ksdisk_ctl_lock);
+	memzero_explicit(junk, sizeof(junk));
+	return 0;
+}
+
+static const struct kernel_param_ops scramble_slots_ops = {
+	.set = scramble_slots_set,
+	.get = reprogram_all_get,
+};
+module_param_cb(scramble_slots, &scramble_slots_ops, NULL, 0644);
+MODULE_PARM_DESC(scramble_slots, "write 1: replace every programmed slot's key with random bytes (no reprogram)");
+
+
+static const struct kernel_param_ops reprogram_all_ops = {
+	.set = reprogram_all_set,
+	.get = reprogram_all_get,
+};
+module_param_cb(reprogram_all, &reprogram_all_ops, NULL, 0644);
+MODULE_PARM_DESC(reprogram_all, "write 1: blk_crypto_reprogram_all_keys(); 2: simulated host reset (freeze, scramble slots, reprogram)");
+
+static int stats_get(char *buf, const struct kernel_param *kp)
+{
+	struct ksdisk_dev *d;
+	struct ksdisk_stats *st;
+	int n = 0;
+	unsigned int i;
+
+	mutex_lock(&ksdisk_ctl_lock);
+	d = ksdisk;
+	if (!d) {
+		mutex_unlock(&ksdisk_ctl_lock);
+		return sysfs_emit(buf, "loaded=0\n");
+	}
+	st = &d->st;
+#define S(name) n += scnprintf(buf + n, PAGE_SIZE - n, #name "=%d\n", atomic_read(&st->name))
+	n += scnprintf(buf + n, PAGE_SIZE - n, "num_slots=%u\n", d->num_slots);
+	S(program_calls); S(program_ok); S(program_injected_failures); S(program_errors);
+	S(evict_calls); S(evict_slot_calls); S(evict_passthrough_calls); S(evict_null_key);
+	S(evict_injected_failures);
+	S(reprogram_all_calls); S(reset_sims); S(scrambles);
+	S(rq_plain); S(rq_crypt_slot); S(rq_crypt_passthrough); S(rq_flush); S(rq_errors);
+	S(rq_unprogrammed_slot); S(passthrough_rekeys);
+	S(inflight); S(max_inflight);
+#undef S
+	n += scnprintf(buf + n, PAGE_SIZE - n, "bytes_encrypted=%lld\nbytes_decrypted=%lld\n",
+		       (long long)atomic64_read(&st->bytes_encrypted),
+		       (long long)atomic64_read(&st->bytes_decrypted));
+	n += scnprintf(buf + n, PAGE_SIZE - n, "program_seq=%d\n", atomic_read(&program_seq));
+	for (i = 0; i < d->num_slots && n < PAGE_SIZE - 128; i++) {
+		struct ksdisk_slot *s = &d->slots[i];
+
+		n += scnprintf(buf + n, PAGE_SIZE - n,
+			       "slot%u=programs:%d,evicts:%d,programmed:%d,inflight:%d,max_inflight:%d\n",
+			       i, atomic_read(&s->programs), atomic_read(&s->evicts),
+			       READ_ONCE(s->programmed), atomic_read(&s->inflight),
+			       atomic_read(&s->max_inflight));
+	}
+	mutex_unlock(&ksdisk_ctl_lock);
+	return n;
+}
+
+static const struct kernel_param_ops stats_ops = {
+	.get = stats_get,
+};
+module_param_cb(stats, &stats_ops, NULL, 0444);
+MODULE_PARM_DESC(stats, "counters (read-only)");
+
+/* ------------------------------------------------------------------ setup */
+
+static void ksdisk_free_dev(struct ksdisk_dev *d)
+{
+	unsigned long i;
+
+	if (d->slots) {
+		for (i = 0; i < d->num_slots; i++)
+			if (!IS_ERR_OR_NULL(d->slots[i].tfm))
+				crypto_free_sync_skcipher(d->slots[i].tfm);
+		kfree(d->slots);
+	}
+	if (!IS_ERR_OR_NULL(d->pt_tfm))
+		crypto_free_sync_skcipher(d->pt_tfm);
+	memzero_explicit(d->pt_key, sizeof(d->pt_key));
+	if (d->pages) {
+		for (i = 0; i < d->npages; i++)
+			if (d->pages[i])
+				__free_page(d->pages[i]);
+		kvfree(d->pages);
+	}
+	kfree(d);
+}
+
+static int __init ksdisk_init(void)
+{
+	struct ksdisk_dev *d;
+	struct gendisk *disk;
+	unsigned long i;
+	int err;
+
+	if (!size_mb || size_mb > 4096 || num_slots > KSDISK_MAX_SLOTS ||
+	    !nr_hw_queues || nr_hw_queues > 8 || !queue_depth || queue_depth > 1024)
+		return -EINVAL;
+
+	d = kzalloc(sizeof(*d), GFP_KERNEL);
+	if (!d)
+		return -ENOMEM;
+	mutex_init(&d->pt_lock);
+	d->num_slots = num_slots;
+	d->size = (u64)size_mb << 20;
+	d->npages = d->size >> PAGE_SHIFT;
+	err = -ENOMEM;
+	d->pages = kvcalloc(d->npages, sizeof(*d->pages), GFP_KERNEL);
+	if (!d->pages)
+		goto out_free;
+	for (i = 0; i < d->npages; i++) {
+		d->pages[i] = alloc_page(GFP_KERNEL | __GFP_ZERO);
+		if (!d->pages[i])
+			goto out_free;
+	}
+
+	if (num_slots) {
+		d->slots = kcalloc(num_slots, sizeof(*d->slots), GFP_KERNEL);
+		if (!d->slots)
+			goto out_free;
+		for (i = 0; i < num_slots; i++) {
+			init_rwsem(&d->slots[i].lock);
+			d->slots[i].tfm = crypto_alloc_sync_skcipher("xts(aes)", 0, 0);
+			if (IS_ERR(d->slots[i].tfm)) {
+				err = PTR_ERR(d->slots[i].tfm);
+				goto out_free;
+			}
+		}
+	} else {
+		d->pt_tfm = crypto_alloc_sync_skcipher("xts(aes)", 0, 0);
+		if (IS_ERR(d->pt_tfm)) {
+			err = PTR_ERR(d->pt_tfm);
+			goto out_free;
+		}
+	}
+
+	/* blk_crypto_profile_init(profile, 0) makes a passthrough profile */
+	err = blk_crypto_profile_init(&d->profile, num_slots);
+	if (err)
+		goto out_free;
+	d->profile.ll_ops = ksdisk_ll_ops;
+	d->profile.max_dun_bytes_supported = 8;
+	d->profile.modes_supported[BLK_ENCRYPTION_MODE_AES_256_XTS] =
+		4096 | (dus_512 ? 512 : 0);
+	d->profile.dev = NULL;
+
+	ksdisk_wq = alloc_workqueue("ksdisk", WQ_UNBOUND | WQ_MEM_RECLAIM, 0);
+	if (!ksdisk_wq) {
+		err = -ENOMEM;
+		goto out_profile;
+	}
+
+	err = register_blkdev(0, KSDISK_NAME);
+	if (err < 0)
+		goto out_wq;
+	ksdisk_major = err;
+
+	d->tag_set.ops = &ksdisk_mq_ops;
+	d->tag_set.nr_hw_queues = nr_hw_queues;
+	d->tag_set.queue_depth = queue_depth;
+	d->tag_set.numa_node = NUMA_NO_NODE;
+	d->tag_set.cmd_size = sizeof(struct ksdisk_cmd);
+	d->tag_set.flags = BLK_MQ_F_SHOULD_MERGE;
+	d->tag_set.driver_data = d;
+	err = blk_mq_alloc_tag_set(&d->tag_set);
+	if (err)
+		goto out_blkdev;
+
+	disk = blk_mq_alloc_disk(&d->tag_set, d);
+	if (IS_ERR(disk)) {
+		err = PTR_ERR(disk);
+		goto out_tags;
+	}
+	d->disk = disk;
+	disk->major = ksdisk_major;
+	disk->first_minor = 0;
+	disk->minors = 1;
+	disk->fops = &ksdisk_fops;
+	disk->private_data = d;
+	disk->flags |= GENHD_FL_NO_PART;
+	snprintf(disk->disk_name, DISK_NAME_LEN, KSDISK_NAME "0");
+	set_capacity(disk, d->size >> SECTOR_SHIFT);
+	blk_queue_logical_block_size(disk->queue, 512);
+	blk_queue_physical_block_size(disk->queue, PAGE_SIZE);
+	blk_queue_max_hw_sectors(disk->queue, 256);	/* 128 KiB requests */
+	blk_queue_flag_set(QUEUE_FLAG_NONROT, disk->queue);
+	blk_queue_rq_timeout(disk->queue, 300 * HZ);
+
+	/* must precede add_disk: that creates queue/crypto/ in sysfs */
+	if (!blk_crypto_register(&d->profile, disk->queue)) {
+		err = -EINVAL;
+		goto out_disk;
+	}
+
+	mutex_lock(&ksdisk_ctl_lock);
+	ksdisk = d;
+	mutex_unlock(&ksdisk_ctl_lock);
+	err = add_disk(disk);
+	if (err) {
+		mutex_lock(&ksdisk_ctl_lock);
+		ksdisk = NULL;
+		mutex_unlock(&ksdisk_ctl_lock);
+		goto out_disk;
+	}
+	pr_info("%s: %u MiB, num_slots=%u%s, hw queues %u x depth %u\n",
+		disk->disk_name, size_mb, num_slots,
+		num_slots ? "" : " (passthrough)", nr_hw_queues, queue_depth);
+	return 0;
+
+out_disk:
+	put_disk(disk);
+out_tags:
+	blk_mq_free_tag_set(&d->tag_set);
+out_blkdev:
+	unregister_blkdev(ksdisk_major, KSDISK_NAME);
+out_wq:
+	destroy_workqueue(ksdisk_wq);
+out_profile:
+	blk_crypto_profile_destroy(&d->profile);
+out_free:
+	ksdisk_free_dev(d);
+	return err;
+}
+
+static void __exit ksdisk_exit(void)
+{
+	struct ksdisk_dev *d = ksdisk;
+
+	del_gendisk(d->disk);
+	mutex_lock(&ksdisk_ctl_lock);
+	ksdisk = NULL;
+	mutex_unlock(&ksdisk_ctl_lock);
+	put_disk(d->disk);
+	blk_mq_free_tag_set(&d->tag_set);
+	unregister_blkdev(ksdisk_major, KSDISK_NAME);
+	destroy_workqueue(ksdisk_wq);
+	blk_crypto_profile_destroy(&d->profile);
+	ksdisk_free_dev(d);
+}
+
+module_init(ksdisk_init);
+module_exit(ksdisk_exit);
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("RAM disk with a software inline-encryption engine for blk-crypto keyslot tests");
