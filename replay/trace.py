@@ -152,6 +152,8 @@ def _parse_header(path: str, obj: Any) -> Header:
     if semantics not in SEMANTICS:
         raise TraceFormatError(path, 1, f"header: unknown semantics {semantics!r} (expected one of {', '.join(SEMANTICS)})")
     profiles = []
+    if not isinstance(obj.get("profiles") or [], list):
+        raise TraceFormatError(path, 1, f"header: 'profiles' must be a list, got {obj['profiles']!r}")
     for p in obj.get("profiles") or ():
         if not isinstance(p, dict) or not isinstance(p.get("id"), str) or not isinstance(p.get("num_slots"), int):
             raise TraceFormatError(path, 1, f"header: bad profile entry {p!r} (needs id and num_slots)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import subprocess
 import sys
@@ -20,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from replay.checker import Verdict, check
-from replay.mutate import dump_records, load_records, mutate
-from replay.trace import parse_trace, read_trace
+from replay.trace import read_trace
+from tests.conftest import assert_mutation_caught
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "vm"))
@@ -146,19 +145,7 @@ def _waited(get_calls, programs, puts):
 
 @pytest.mark.parametrize("kind", ["slot", "drop-put", "evict-result"])
 def test_mutated_real_traces_diverge(boot, kind):
-    data = (boot["out"] / "trace.ndjson").read_bytes()
-    header, records = load_records(data)
-    try:
-        m = mutate(header, records, kind, random.Random(7))
-    except LookupError:
-        pytest.fail(f"{boot['name']}: the real trace has nothing for the {kind} mutation")
-    r = check(parse_trace(dump_records(header, records)))
-    assert r.verdict is Verdict.DIVERGED, m.description
-    d = r.divergence
-    if kind == "drop-put":
-        assert f"slot {m.slot}" in d.reason + " ".join(d.state_before)
-    else:
-        assert d.op.ret.line == m.line, (m.description, d.reason)
+    assert_mutation_caught((boot["out"] / "trace.ndjson").read_bytes(), kind, seed=7)
 
 
 def test_no_kernel_pointer_leaves_the_tracer(boot):

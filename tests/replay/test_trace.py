@@ -30,6 +30,7 @@ def err(data: bytes) -> TraceFormatError:
     (HEADER.replace(b'"1.0"', b'"2.0"'), 1, "version 2.0 is not supported"),
     (HEADER.replace(b"keyslot-trace", b"other"), 1, "not a keyslot-trace file"),
     (HEADER.replace(b"blk_crypto", b"blk_foo"), 1, "unknown api"),
+    (HEADER.replace(b'"kernel"', b'"profiles":7,"kernel"'), 1, "'profiles' must be a list"),
     (HEADER + EV + b'{"t":2,"cpu":0,"tid":5,"ev":"get_fly","p":"p1"}\n', 3, "unknown event kind 'get_fly'"),
     (HEADER + b'{"t":2,"cpu":0,\n' + EV, 2, "malformed JSON"),
     (HEADER + EV + b'{"t":2,"cpu":0,"tid":5,"ev":"get_ret', 3, "truncated last line"),
