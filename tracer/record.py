@@ -123,6 +123,8 @@ class Recorder:
         self.fentry_error: str | None = None  # why fentry failed and kprobes were used instead
         self._rescan = self._destroyed = False
         self._init_t: int | None = None  # earliest profile_init since the last rescan
+        self._new_profiles: set[int] = set()  # profiles initialised since the last rescan
+        self._first_op_t: int | None = None  # their first get/evict/reprogram
         self._late: dict[str, int] = {}  # driver callbacks attached after start (modules loaded later) -> address
 
     def header(self) -> Header:
@@ -190,6 +192,9 @@ class Recorder:
             if e.kind == EventKind.profile_init:
                 self._rescan = True  # perhaps a driver module loaded since the probes were attached
                 self._init_t = min(self._init_t or e.ts_ns, e.ts_ns)
+                self._new_profiles.add(e.profile)
+            elif e.kind in _OPS_WITH_CALLBACKS and e.profile in self._new_profiles:
+                self._first_op_t = min(self._first_op_t or e.ts_ns, e.ts_ns)
             elif e.kind == EventKind.profile_destroy:
                 self._destroyed = True
             decoder.event(e)
@@ -215,10 +220,10 @@ class Recorder:
 
         They are attached when a profile_init arrives (a module initialises its
         profile while it loads), as kprobes (the program text has them in either
-        mode), and again when the module is loaded again. The module's first
-        callbacks may run before that, so each late attach writes a lost marker
-        at the profile's creation: replay resynchronises instead of mistaking a
-        missed program call for a hit."""
+        mode), and again when the module is loaded again. If a new profile was
+        already used before the attach completed, its driver's first callbacks
+        may be missing: a lost marker at the profile's creation then makes
+        replay resynchronise instead of mistaking a missed program for a hit."""
         ks = KernelSymbols.read()
         attached_now = False
         gone = _gone_kprobes()
@@ -246,10 +251,15 @@ class Recorder:
                     continue
                 self._late[sym] = address
                 attached_now = True
-        if attached_now and self.decoder is not None:
-            self.decoder.lost(0, 0, self._init_t or time.monotonic_ns(), at=self._init_t)
+        if attached_now:
+            attached_t = time.monotonic_ns()
+            self.bpf.perf_buffer_poll(timeout=0)  # what happened before the attach is buffered by now
+            if self._first_op_t is not None and self._first_op_t < attached_t and self.decoder is not None:
+                # the new profile was used before its driver's callbacks were probed: some may be missing
+                self.decoder.lost(0, 0, self._init_t or attached_t, at=self._init_t)
         if not self._rescan:  # nothing left to retry
-            self._init_t = None
+            self._init_t = self._first_op_t = None
+            self._new_profiles.clear()
 
     def _detach_late(self, sym: str) -> None:
         self._late.pop(sym, None)
@@ -294,6 +304,10 @@ class Recorder:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+
+
+# the operations inside which a driver's callbacks run
+_OPS_WITH_CALLBACKS = (EventKind.get_call, EventKind.evict_call, EventKind.reprogram_call)
 
 
 def _gone_kprobes() -> set[str] | None:

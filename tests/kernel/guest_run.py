@@ -34,6 +34,9 @@ def main() -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # ksdisk is loaded by each scenario, after record started: record attaches to its
+    # callbacks when its profile appears, which takes a moment under emulation.
+    scenario_env = {**os.environ, "KSDISK_SETTLE_S": "5"}
     run: dict = {"scenarios": {}}
 
     doctor = subprocess.run(TOOL + ["doctor"], env=env, capture_output=True, text=True)
@@ -65,7 +68,7 @@ def main() -> int:
         else:
             cmd = [str(ROOT / "tests/kernel/workload.py")]
         w = subprocess.run([sys.executable, *cmd, "--scenario", name, "--report", str(out / f"{name}.json")],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env=scenario_env)
         run["scenarios"][name] = {"start_ns": start, "end_ns": time.monotonic_ns(), "rc": w.returncode,
                                   "stderr": w.stderr[-2000:]}
         status |= w.returncode != 0
