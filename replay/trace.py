@@ -270,8 +270,8 @@ def parse_trace(data: bytes, path: str = "<trace>") -> Trace:
         events.append(_parse_event(path, lineno, obj))
     assert header is not None
     # The recorder writes in arrival order, which can differ slightly across
-    # CPUs. Sort by time; calls sort before returns at equal time, which
-    # makes equal-time operations overlap (the conservative choice).
+    # CPUs: sort by time (stably). replay/history.py orders calls before
+    # returns at equal time, so equal-time operations overlap.
     if any(a.t > b.t for a, b in zip(events, events[1:])):
         events.sort(key=lambda e: e.t)
     return Trace(path, header, events)
@@ -296,9 +296,6 @@ class TraceWriter:
         record = {"t": t, "cpu": cpu, "tid": tid, "ev": ev, "p": p}
         record.update(fields)
         self._out.write(orjson.dumps(record) + b"\n")
-
-    def flush(self) -> None:
-        self._out.flush()
 
 
 def dumps_events(header: Header, records: list[dict[str, Any]]) -> bytes:

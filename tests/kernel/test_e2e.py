@@ -10,9 +10,7 @@ they fail (tests/run is the project's test command and CI runs it).
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pytest
 from replay.checker import Verdict, check
 from replay.trace import read_trace
 from tests.conftest import assert_mutation_caught
+from tests.kernel.conftest import fresh_out
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "vm"))
@@ -35,26 +34,11 @@ BOOTS = {
 }
 
 
-@pytest.fixture(scope="session")
-def kernel() -> Path:
-    r = subprocess.run([str(ROOT / "tests/vm/build-kernel.sh")], capture_output=True, text=True)
-    assert r.returncode == 0, f"building the test kernel failed:\n{r.stderr[-3000:]}"
-    image = Path(r.stdout.strip().splitlines()[-1])
-    assert image.exists()
-    return image
-
-
 @pytest.fixture(scope="session", params=list(BOOTS))
 def boot(request, kernel, tmp_path_factory):
     """One VM boot: record while the boot's scenarios run. Returns the output dir."""
     slots, scenarios = BOOTS[request.param]
-    # The guest sees the host's root read-only except rwdirs, and /tmp inside is an
-    # overlay: results go to a shared directory in the cache, wherever the clone is.
-    cache = Path(os.environ.get("KEYSLOT_TRACE_CACHE", Path.home() / ".cache" / "keyslot-trace"))
-    out = cache / "vm-out" / request.param
-    out.mkdir(parents=True, exist_ok=True)
-    for f in out.iterdir():
-        f.unlink()
+    out = fresh_out(request.param)
     python = ROOT / ".venv" / "bin" / "python"
     cmd = (f"{python} {ROOT / 'tests/kernel/guest_run.py'} "
            f"--out {out} " + " ".join(f"--scenario {s}" for s in scenarios))

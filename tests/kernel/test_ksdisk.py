@@ -7,7 +7,6 @@ each scenario's facts are read from the trace (what the kernel did).
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "vm"))
 from vm import run_in_vm  # noqa: E402
 
-from tests.kernel.test_e2e import kernel  # noqa: E402,F401  (the session fixture)
+from tests.kernel.conftest import fresh_out  # noqa: E402
 
 pytestmark = pytest.mark.vm
 
@@ -33,19 +32,15 @@ SCENARIOS = ["native-lru", "contention", "deep-queue", "program-failure", "repro
 
 
 @pytest.fixture(scope="session")
-def ksdisk(kernel):  # noqa: F811
+def ksdisk(kernel):
     r = subprocess.run([str(ROOT / "tests/ksdisk/build.sh")], capture_output=True, text=True)
     assert r.returncode == 0, f"building ksdisk.ko failed:\n{r.stderr[-3000:]}"
     return Path(r.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")
-def run(kernel, ksdisk):  # noqa: F811
-    cache = Path(os.environ.get("KEYSLOT_TRACE_CACHE", Path.home() / ".cache" / "keyslot-trace"))
-    out = cache / "vm-out" / "ksdisk"
-    out.mkdir(parents=True, exist_ok=True)
-    for f in out.iterdir():
-        f.unlink()
+def run(kernel, ksdisk):
+    out = fresh_out("ksdisk")
     cmd = (f"{ROOT / '.venv/bin/python'} {ROOT / 'tests/kernel/guest_run.py'} --out {out} --ko {ksdisk} "
            + " ".join(f"--scenario {s}" for s in SCENARIOS))
     # a module bug that oopses must end the run at once, not hang it until the timeout

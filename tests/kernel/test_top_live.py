@@ -18,8 +18,6 @@ Like tests/kernel/test_e2e.py, this never skips: no kernel or no VM is a failure
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "vm"))
 from vm import run_in_vm  # noqa: E402
 
+from tests.kernel.conftest import fresh_out  # noqa: E402
+
 pytestmark = pytest.mark.vm
 
 SLOTS, SCENARIO, COUNT = 4, "lru-churn", 40
@@ -39,16 +39,8 @@ KINDS = {"gets": "get_return", "programs": "program_return", "evicts": "evict_re
 
 
 @pytest.fixture(scope="module")
-def live_run() -> dict:
-    r = subprocess.run([str(ROOT / "tests/vm/build-kernel.sh")], capture_output=True, text=True)
-    assert r.returncode == 0, f"building the test kernel failed:\n{r.stderr[-3000:]}"
-    kernel = Path(r.stdout.strip().splitlines()[-1])
-    # /tmp is an overlay in the guest: results go to a directory shared with rwdirs.
-    cache = Path(os.environ.get("KEYSLOT_TRACE_CACHE", Path.home() / ".cache" / "keyslot-trace"))
-    out = cache / "vm-out" / "top-live"
-    out.mkdir(parents=True, exist_ok=True)
-    for f in out.iterdir():
-        f.unlink()
+def live_run(kernel) -> dict:
+    out = fresh_out("top-live")
     cmd = (f"{ROOT / '.venv/bin/python'} {ROOT / 'tests/kernel/guest_top_live.py'} --out {out} "
            f"--scenario {SCENARIO} --interval 1 --count {COUNT}")
     r = run_in_vm(cmd, kernel=kernel, timeout=1800, cmdline=[f"blk_crypto_fallback.num_keyslots={SLOTS}"],
