@@ -51,13 +51,12 @@ def mutate(header: dict, records: list[dict[str, Any]], kind: str, rng: random.R
         r["slot"] = rng.choice([s for s in range(max(2, slots[r["p"]])) if s != old])
         return Mutation(kind, i + 2, r["slot"], f"get_return at line {i + 2}: slot {old} -> {r['slot']}")
     if kind == "drop-put":
-        # a put whose slot is later programmed again: the model must then see it still in use
-        reused = []
-        for i, r in enumerate(records):
-            if r["ev"] == "put_call" and r.get("slot") is not None:
-                if any(x["ev"] == "program_call" and x["p"] == r["p"] and x["slot"] == r["slot"]
-                       for x in records[i + 1:]):
-                    reused.append(i)
+        # a put whose slot a later miss takes as its victim: the model must then see it
+        # still in use (reprogram_all programs slots in use, so its programs do not count)
+        misses = _miss_programs(records)
+        reused = [i for i, r in enumerate(records)
+                  if r["ev"] == "put_call" and r.get("slot") is not None
+                  and any(j > i for j in misses.get((r["p"], r["slot"]), ()))]
         i = rng.choice(_need(reused, kind))
         call = records[i]
         j = next(j for j in range(i + 1, len(records))
@@ -74,6 +73,21 @@ def mutate(header: dict, records: list[dict[str, Any]], kind: str, rng: random.R
         r["result"] = -16 if old == 0 else 0
         return Mutation(kind, i + 2, None, f"evict_return at line {i + 2}: result {old} -> {r['result']}")
     raise ValueError(f"unknown mutation {kind!r}")
+
+
+def _miss_programs(records: list[dict]) -> dict[tuple, list[int]]:
+    """(profile, slot) -> indexes of the program calls made inside a get (misses)."""
+    open_op: dict[tuple, str] = {}
+    out: dict[tuple, list[int]] = {}
+    for i, r in enumerate(records):
+        ev, who = r["ev"], (r["tid"], r["p"])
+        if ev.endswith("_call") and ev not in ("program_call", "drv_evict_call"):
+            open_op[who] = ev
+        elif ev.endswith("_return") and ev not in ("program_return", "drv_evict_return"):
+            open_op.pop(who, None)
+        elif ev == "program_call" and open_op.get(who) == "get_call":
+            out.setdefault((r["p"], r["slot"]), []).append(i)
+    return out
 
 
 def _evict_was_cached(records: list[dict], i: int) -> bool:
