@@ -17,12 +17,22 @@ HEADER_NAME = "keyslot_events.h"
 NO_SLOT = -1
 NAME_LEN = 32
 PROFILE_IS_FALLBACK = 1
+HIST_BUCKETS = 40  # KS_HIST_BUCKETS: log2 buckets of nanoseconds
+HIST_SLOT_WAIT, HIST_PROGRAM = 0, 1  # struct ks_hist_key.hist
 
 _KIND_ENTRY = re.compile(r"^\s*X\((KS_\w+),\s*(\d+),\s*(\w+)\)", re.MULTILINE)
 
 
 def header_text() -> str:
     return resources.files(__package__).joinpath(HEADER_NAME).read_text()
+
+
+def _parse_counters(text: str) -> tuple[str, ...]:
+    block = re.search(r"#define KS_COUNTERS\(X\)((?:.*\\\n)*.*)", text)
+    names = tuple(re.findall(r"X\((\w+)\)", block.group(1))) if block else ()
+    if not names:
+        raise RuntimeError(f"{HEADER_NAME}: no KS_COUNTERS entries found")
+    return names
 
 
 def _parse_kinds(text: str) -> dict[str, int]:
@@ -34,6 +44,9 @@ def _parse_kinds(text: str) -> dict[str, int]:
 
 #: Event kinds, named as they appear in the trace's "ev" field.
 EventKind = enum.IntEnum("EventKind", _parse_kinds(header_text()))
+
+#: The fields of struct ks_counters (in-kernel aggregation), in order.
+COUNTERS = _parse_counters(header_text())
 
 
 class RawEvent(ctypes.Structure):

@@ -20,6 +20,11 @@
  *   KS_GEN_BLK_KSM      5.8-5.15 struct names (default: 5.16+ blk_crypto_profile)
  *   KS_FALLBACK_SYM     address of the fallback profile symbol, 0 if unknown
  *   KS_Q_HAS_DISK       struct request_queue has ->disk (5.15+)
+ *   KS_AGGREGATE        count in maps (live `top`): gets, puts and programs
+ *                       that succeed update per-CPU counters, log2 latency
+ *                       histograms and per-slot state, and send no event;
+ *                       only profile life cycle, evicts, reprograms and
+ *                       failures still reach user space (see "aggregation").
  * In fentry mode tracer/record.py appends one KS_FENTRY_x(symbol) /
  * KS_FEXIT_x(symbol) line per attached symbol (macros at the end of this
  * file); the bodies are the same as for kprobes.
@@ -60,8 +65,12 @@ struct frame {
 	u64 profile;
 	u64 key;
 	u64 ptr;  /* get: slot_ptr */
+	u64 t;    /* entry time */
 	s32 slot;
 	u32 num_slots;
+	u32 kind; /* the *_CALL kind */
+	u8 programmed;   /* get: a program callback ran inside it (a miss) */
+	u8 full_at_call; /* get: no slot was idle when it was called */
 };
 struct frame_key {
 	u32 tid;
@@ -90,6 +99,12 @@ static __always_inline void emit(void *ctx, u32 kind, struct frame *f, s32 resul
 {
 	struct ks_event e = {};
 	u64 id = bpf_get_current_pid_tgid();
+
+#ifdef KS_AGGREGATE
+	if (result == 0 && (kind == KS_GET_CALL || kind == KS_GET_RETURN || kind == KS_PUT_CALL ||
+			    kind == KS_PUT_RETURN || kind == KS_PROGRAM_CALL || kind == KS_PROGRAM_RETURN))
+		return; /* the hot path: counted in the maps instead */
+#endif
 
 	e.ts_ns = bpf_ktime_get_ns();
 	e.profile = f->profile;
@@ -134,12 +149,171 @@ static __always_inline int pop(struct frame *out)
 	return 1;
 }
 
+/*
+ * -- aggregation (KS_AGGREGATE) ------------------------------------------------
+ * The same definitions as tracer/tui/aggregate.py applies to events, so that
+ * live `top` shows the same numbers either way:
+ *   gets/hits/misses at get's return (a miss had a program callback inside it,
+ *   a hit got a slot without one; passthrough gets are neither), puts at put's
+ *   return, programs/evicts/reprograms at their return, errors = failed get,
+ *   program or evict; slot-wait latency = get's entry -> its program callback,
+ *   program latency = the callback's entry -> return.
+ * One difference: a wait is a miss that found no idle slot when it was
+ * called, read from the kernel's own idle list (events have no such view,
+ * so aggregate.py estimates it from refcounts instead).
+ */
+#ifdef KS_AGGREGATE
+BPF_PERCPU_HASH(ks_counts, u64, struct ks_counters, 1024);
+BPF_PERCPU_HASH(ks_hists, struct ks_hist_key, u64, 8192);
+BPF_HASH(ks_slots, struct ks_slot_key, struct ks_slot_state, 16384);
+#define KS_MAX_SLOTS 512 /* slot states cleared at a profile's init (UFS: 32, the fallback: 100 by default) */
+
+static __always_inline struct ks_counters *counters(struct frame *f)
+{
+	struct ks_counters zero = {};
+	struct ks_counters *c = ks_counts.lookup_or_try_init(&f->profile, &zero);
+	if (c)
+		c->num_slots = f->num_slots;
+	return c;
+}
+
+static __always_inline void hist_add(u64 profile, u32 hist, u64 ns)
+{
+	u32 b = ns ? bpf_log2l(ns) : 0; /* = ns's bit length */
+	struct ks_hist_key k = {.profile = profile, .hist = hist, .bucket = b < KS_HIST_BUCKETS ? b : KS_HIST_BUCKETS - 1};
+	u64 zero = 0, *n = ks_hists.lookup_or_try_init(&k, &zero);
+	if (n)
+		(*n)++;
+}
+
+static __always_inline struct ks_slot_state *slot_state(u64 profile, s32 slot)
+{
+	struct ks_slot_key k = {.profile = profile, .slot = (u32)slot};
+	struct ks_slot_state zero = {};
+	if (slot < 0)
+		return NULL;
+	return ks_slots.lookup_or_try_init(&k, &zero);
+}
+
+static __always_inline int idle_list_empty(u64 profile)
+{
+	void *head = &((PROFILE *)profile)->idle_slots, *next = NULL;
+	bpf_probe_read_kernel(&next, sizeof(next), head);
+	return next == head;
+}
+
+/* the frame of the call this thread is inside, if any */
+static __always_inline struct frame *caller_frame(void)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	u32 *d = depth.lookup(&tid);
+	if (!d || *d == 0)
+		return NULL;
+	struct frame_key k = {tid, *d - 1};
+	return frames.lookup(&k);
+}
+
+/* at entry, before the frame is pushed */
+static __always_inline void aggregate_entry(struct frame *f, u64 now)
+{
+	if (f->kind == KS_GET_CALL && f->num_slots) {
+		f->full_at_call = idle_list_empty(f->profile);
+	} else if (f->kind == KS_PROGRAM_CALL) {
+		struct frame *get = caller_frame();
+		if (!get || get->kind != KS_GET_CALL || get->profile != f->profile || get->programmed)
+			return;
+		get->programmed = 1;
+		hist_add(f->profile, KS_HIST_SLOT_WAIT, now - get->t);
+		if (get->full_at_call) {
+			struct ks_counters *c = counters(f);
+			if (c)
+				c->waits++;
+		}
+	}
+}
+
+/* at return, with the entry's frame (get: f->slot is the slot it returned) */
+static __always_inline void aggregate_return(struct frame *f, s32 rc, u64 now)
+{
+	struct ks_counters *c = counters(f);
+	struct ks_slot_state *s;
+	if (!c)
+		return;
+	switch (f->kind) {
+	case KS_GET_CALL:
+		c->gets++;
+		if (f->programmed)
+			c->misses++;
+		else if (rc == 0 && f->slot >= 0)
+			c->hits++;
+		if (rc) {
+			c->errors++;
+		} else if ((s = slot_state(f->profile, f->slot))) {
+			__sync_fetch_and_add(&s->takes, 1);
+			s->key = f->key;
+			s->key_ns = now;
+		}
+		break;
+	case KS_PUT_CALL:
+		c->puts++;
+		if ((s = slot_state(f->profile, f->slot))) {
+			__sync_fetch_and_add(&s->puts, 1);
+			s->last_put_ns = now;
+		}
+		break;
+	case KS_PROGRAM_CALL:
+		c->programs++;
+		hist_add(f->profile, KS_HIST_PROGRAM, now - f->t);
+		if ((s = slot_state(f->profile, f->slot))) {
+			__sync_fetch_and_add(&s->programs, 1);
+			s->last_program_ns = now - f->t;
+			if (rc == 0) { /* a failed program leaves the slot as it was */
+				s->key = f->key;
+				s->key_ns = now;
+			}
+		}
+		if (rc)
+			c->errors++;
+		break;
+	case KS_DRV_EVICT_CALL:
+		if (rc == 0 && (s = slot_state(f->profile, f->slot))) {
+			s->key = 0;
+			s->key_ns = now;
+		}
+		break;
+	case KS_EVICT_CALL:
+		c->evicts++;
+		if (rc)
+			c->errors++;
+		break;
+	case KS_REPROGRAM_CALL:
+		c->reprograms++;
+		break;
+	}
+}
+
+/* a new profile (perhaps at a freed one's address) starts with empty slots */
+static __always_inline void aggregate_init(struct frame *f)
+{
+	for (u32 i = 0; i < KS_MAX_SLOTS && i < f->num_slots; i++) {
+		struct ks_slot_key k = {.profile = f->profile, .slot = i};
+		ks_slots.delete(&k);
+	}
+}
+#else
+static __always_inline void aggregate_entry(struct frame *f, u64 now) {}
+static __always_inline void aggregate_return(struct frame *f, s32 rc, u64 now) {}
+static __always_inline void aggregate_init(struct frame *f) {}
+#endif
+
 /* One entry/return pair per traced operation; the bodies are shared. */
 static __always_inline int op_entry(void *ctx, u32 kind, u64 profile, u64 key, u64 ptr, s32 slot)
 {
-	struct frame f = {.profile = profile, .key = key, .ptr = ptr, .slot = slot};
+	struct frame f = {.profile = profile, .key = key, .ptr = ptr, .slot = slot, .kind = kind};
 	if (profile)
 		f.num_slots = profile_num_slots(profile);
+	f.t = bpf_ktime_get_ns();
+	aggregate_entry(&f, f.t);
 	push(&f);
 	emit(ctx, kind, &f, 0);
 	return 0;
@@ -150,6 +324,7 @@ static __always_inline int op_return(void *ctx, u32 kind, s32 rc)
 	struct frame f;
 	if (!pop(&f))
 		return 0;
+	aggregate_return(&f, rc, bpf_ktime_get_ns());
 	emit(ctx, kind, &f, rc);
 	return 0;
 }
@@ -168,6 +343,7 @@ static __always_inline int get_exit(void *ctx, u8 status)
 		return 0;
 	bpf_probe_read_kernel(&slot, sizeof(slot), (void *)f.ptr);
 	f.slot = slot_index(f.profile, slot);
+	aggregate_return(&f, status, bpf_ktime_get_ns());
 	emit(ctx, KS_GET_RETURN, &f, status);
 	return 0;
 }
@@ -249,6 +425,7 @@ static __always_inline int init_exit(void *ctx, int rc)
 	if (f.profile == KS_FALLBACK_SYM || f.profile == ptr)
 		flags |= KS_PROFILE_IS_FALLBACK;
 #endif
+	aggregate_init(&f);
 	emit(ctx, KS_PROFILE_INIT, &f, flags);
 	return 0;
 }

@@ -64,8 +64,64 @@ struct ks_event {
 	char name[KS_NAME_LEN]; /* PROFILE_REGISTER: disk name */
 };
 
+/*
+ * In-kernel aggregation for live `top` (keyslot.bpf.c built with -DKS_AGGREGATE):
+ * the hot path (gets, puts, programs that succeed) updates the maps below
+ * instead of sending an event, so user space reads a few map entries per
+ * refresh whatever the event rate. The counters mean exactly what
+ * tracer/tui/aggregate.py counts from events (its Counts has these fields,
+ * in this order; tests/probes/test_event_layout.py checks it), except
+ * "waits" (see keyslot.bpf.c). Keep one entry per line: probes/events.py reads it.
+ */
+#define KS_COUNTERS(X) \
+	X(gets) \
+	X(hits) \
+	X(misses) \
+	X(programs) \
+	X(evicts) \
+	X(puts) \
+	X(reprograms) \
+	X(waits) \
+	X(errors)
+
+struct ks_counters { /* per profile, per CPU */
+#define KS_COUNTER_FIELD(name) __u64 name;
+	KS_COUNTERS(KS_COUNTER_FIELD)
+#undef KS_COUNTER_FIELD
+	__u64 num_slots; /* not a counter: the profile's slot count */
+};
+
+/* log2 latency histograms, per profile: bucket b counts [2^(b-1), 2^b) ns */
+#define KS_HIST_BUCKETS 40
+#define KS_HIST_SLOT_WAIT 0 /* a miss: get_call -> its program_call */
+#define KS_HIST_PROGRAM   1 /* program_call -> program_return */
+struct ks_hist_key {
+	__u64 profile;
+	__u32 hist;   /* KS_HIST_* */
+	__u32 bucket;
+};
+
+struct ks_slot_key {
+	__u64 profile;
+	__u32 slot;
+	__u32 pad;
+};
+
+/* One keyslot as the kernel reported it. Shared by all CPUs: the counts are
+ * atomic adds, the rest last-writer-wins. */
+struct ks_slot_state {
+	__u64 key;             /* key pointer programmed or found there; 0 = evicted */
+	__u64 key_ns;          /* when key was last set */
+	__u64 takes;           /* gets that returned this slot */
+	__u64 puts;            /* puts of this slot: refcount = takes - puts */
+	__u64 programs;        /* program callbacks on this slot, failed ones too */
+	__u64 last_program_ns; /* latency of the last program callback */
+	__u64 last_put_ns;     /* when the last put returned: the idle list's order */
+};
+
 #ifndef __BPF__
 _Static_assert(sizeof(struct ks_event) == 88, "struct ks_event layout changed");
+_Static_assert(sizeof(struct ks_counters) % 8 == 0, "bcc reads per-CPU values in 8-byte units");
 #endif
 
 #endif /* KEYSLOT_EVENTS_H */

@@ -14,6 +14,7 @@ C_PROGRAM = r"""
 #include <linux/types.h>
 #include "keyslot_events.h"
 #define PRINT_KIND(name, value, trace_name) printf("kind %s %d\n", #trace_name, name);
+#define PRINT_COUNTER(name) printf("counter %s %zu\n", #name, offsetof(struct ks_counters, name));
 #define F(field) printf("field %s %zu %zu\n", #field, offsetof(struct ks_event, field), sizeof(((struct ks_event *)0)->field));
 int main(void) {
     printf("size %zu\n", sizeof(struct ks_event));
@@ -22,6 +23,10 @@ int main(void) {
     printf("const NO_SLOT %d\n", KS_NO_SLOT);
     printf("const NAME_LEN %d\n", KS_NAME_LEN);
     printf("const PROFILE_IS_FALLBACK %d\n", KS_PROFILE_IS_FALLBACK);
+    printf("const HIST_BUCKETS %d\n", KS_HIST_BUCKETS);
+    printf("const HIST_SLOT_WAIT %d\n", KS_HIST_SLOT_WAIT);
+    printf("const HIST_PROGRAM %d\n", KS_HIST_PROGRAM);
+    KS_COUNTERS(PRINT_COUNTER)
     return 0;
 }
 """
@@ -52,7 +57,19 @@ def test_constants_match(c_view):
     import probes.events as ev
 
     consts = {x[1]: int(x[2]) for x in c_view if x[0] == "const"}
-    assert consts == {name: getattr(ev, name) for name in consts} and len(consts) == 3
+    assert consts == {name: getattr(ev, name) for name in consts} and len(consts) == 6
+
+
+def test_counters_match_the_header_and_the_event_aggregator(c_view):
+    """In-kernel counters (KS_AGGREGATE) and the counts top computes from events are one list."""
+    from probes.events import COUNTERS
+    from tracer.tui.aggregate import HIST_BUCKETS, Counts
+
+    counters = [(x[1], int(x[2])) for x in c_view if x[0] == "counter"]
+    assert counters == [(name, 8 * i) for i, name in enumerate(COUNTERS)]
+    assert Counts.__slots__ == COUNTERS
+    import probes.events as ev
+    assert HIST_BUCKETS == ev.HIST_BUCKETS
 
 
 def test_event_kinds_match(c_view):
