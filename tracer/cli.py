@@ -260,7 +260,12 @@ def doctor() -> None:
 @click.option("--from", "trace_path", type=click.Path(dir_okay=False), metavar="FILE",
               help="Replay a recorded trace instead of watching the kernel.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
-              help="Live: also record the events into this trace file (as `record -o` would).")
+              help="Live: also record every event into this trace file (as `record -o` would); implies --every-event.")
+@click.option("-d", "--disk", metavar="DISK",
+              help="Live: only this disk's profiles (and blk-crypto-fallback's), as `record -d`.")
+@click.option("--every-event", is_flag=True,
+              help="Live: send every event to user space and count it there (a full event log) instead of "
+                   "counting in the kernel; its cost grows with the event rate.")
 @click.option("--speed", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="With --from: replay at X times the trace's own pace; 0 = as fast as possible.")
 @click.option("--check", is_flag=True,
@@ -269,12 +274,14 @@ def doctor() -> None:
 @click.argument("interval", required=False, default=1.0, type=click.FloatRange(min=0, min_open=True))
 @click.argument("count", required=False, type=click.IntRange(min=1))
 @click.pass_context
-def top(ctx: click.Context, trace_path: str | None, output: str | None, speed: float, check: bool, as_json: bool,
-        interval: float, count: int | None) -> None:
+def top(ctx: click.Context, trace_path: str | None, output: str | None, disk: str | None, every_event: bool,
+        speed: float, check: bool, as_json: bool, interval: float, count: int | None) -> None:
     """Show keyslots, gets, hits, waits and latencies, live from the kernel (root, bcc) or from a trace.
 
     Per profile: each slot's key, refcount, LRU rank, programs and last program
-    latency, as the kernel reports them. INTERVAL (seconds, default 1) is the
+    latency, as the kernel reports them. Live, the kernel counts gets, puts and
+    programs in BPF maps and only rare events (evicts, failures, disks coming
+    and going) reach user space, unless --every-event or -o. INTERVAL (seconds, default 1) is the
     rate window: wall-clock seconds live, seconds of trace time with --from.
     When stdout is not a terminal, one plain block (or --json line) is printed
     per INTERVAL. COUNT stops after that many intervals; live, Ctrl-C or
@@ -285,6 +292,7 @@ def top(ctx: click.Context, trace_path: str | None, output: str | None, speed: f
     \b
     Examples:
       sudo keyslot-trace top                              # live, on this kernel's probes
+      sudo keyslot-trace top -d sda --json 1 10           # sda's profile: a JSON line per second, ten times
       sudo keyslot-trace top -o trace.ndjson --json 5 12  # a JSON line per 5 s for a minute, and a trace
       keyslot-trace top --from trace.ndjson               # a recorded trace, at its own pace
       keyslot-trace top --from bad.ndjson --speed 0 --check
@@ -299,10 +307,12 @@ def top(ctx: click.Context, trace_path: str | None, output: str | None, speed: f
         if given:
             _fail_bad_input(f"{' and '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} "
                             "to a recorded trace (--from FILE)")
-        _top_live(output, as_json, interval, count)
+        _top_live(output, disk, every_event or output is not None, as_json, interval, count)
         return
-    if output is not None:
-        _fail_bad_input("-o records the live kernel; with --from FILE the trace is already recorded")
+    live_only = [o for o, v in (("-o", output), ("-d", disk), ("--every-event", every_event)) if v]
+    if live_only:
+        _fail_bad_input(f"{' and '.join(live_only)} only appl{'ies' if len(live_only) == 1 else 'y'} "
+                        "to the live kernel, not to a recorded trace (--from FILE)")
     try:
         trace = read_trace(trace_path)
     except TraceFormatError as e:
@@ -310,7 +320,8 @@ def top(ctx: click.Context, trace_path: str | None, output: str | None, speed: f
     sys.exit(top_view.run(trace, speed=speed, check=check, as_json=as_json, interval_s=interval, count=count))
 
 
-def _top_live(output: str | None, as_json: bool, interval: float, count: int | None) -> None:
+def _top_live(output: str | None, disk: str | None, every_event: bool, as_json: bool, interval: float,
+              count: int | None) -> None:
     """`top` without --from: attach the probes as `record` does and watch them."""
     import contextlib
 
@@ -324,7 +335,7 @@ def _top_live(output: str | None, as_json: bool, interval: float, count: int | N
         import_bcc()
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(open(output, "wb")) if output else None
-            rec = Recorder(out, setup)
+            rec = Recorder(out, setup, disk=disk, aggregate=not every_event)
             try:
                 click.echo("compiling and attaching the probes...", err=True)
                 seconds = rec.attach()
@@ -333,10 +344,12 @@ def _top_live(output: str | None, as_json: bool, interval: float, count: int | N
                 raise
             for line in describe(setup.attachments):
                 click.echo(line, err=True)
+            how = "every event" if every_event else "counting in the kernel"
             click.echo(f"{setup.generation} API, {setup.semantics} semantics; compiled and attached in "
-                       f"{seconds:.1f}s; watching" + (f", recording to {output}" if output else ""), err=True)
-            status = top_view.run_live(rec, as_json=as_json, interval_s=interval, count=count,
-                                       name=f"live -> {output}" if output else "live")
+                       f"{seconds:.1f}s; watching ({how})" + (f", recording to {output}" if output else ""),
+                       err=True)
+            name = f"live -> {output}" if output else "live" if every_event else "live (in-kernel counts)"
+            status = top_view.run_live(rec, as_json=as_json, interval_s=interval, count=count, name=name)
     except ProbeError as e:
         click.echo(f"keyslot-trace: {e}", err=True)
         sys.exit(EXIT_CANNOT_TRACE)

@@ -55,7 +55,7 @@ class Decoder:
         self.only_device = only_device
         self._held: dict[int, list[dict[str, Any]]] = {}  # profile -> lines waiting for its device name
         self.fp = fingerprint or Fingerprinter()
-        self.profiles: dict[int, dict[str, Any]] = {}  # pointer -> {"id", "num_slots", "device"}
+        self.profiles: dict[int, dict[str, Any]] = {}  # pointer -> {"id", "num_slots", "device"[, "attached"]}
         self.last_t: dict[int, int] = {}  # cpu -> last event time seen
         self.counts: dict[str, int] = {}
 
@@ -97,7 +97,7 @@ class Decoder:
         if kind in _FIRST_SIGHT and e.profile not in self.profiles:
             # A profile from before the recording started: say what it is
             # before its first event, so replay starts it in an unknown state.
-            self.profiles[e.profile] = {"id": pid, "num_slots": e.aux, "device": None}
+            self.profiles[e.profile] = {"id": pid, "num_slots": e.aux, "device": None, "attached": True}
             self._write(e, EventKind.profile_attach, pid, num_slots=e.aux)
         fields: dict[str, Any] = {}
         if kind in _WITH_KEY:

@@ -19,10 +19,11 @@ from typing import IO, Callable
 
 import orjson
 
-from probes.events import EventKind, RawEvent
+from probes.events import COUNTERS, EventKind, RawEvent
 from replay.trace import Header
 from tracer import __version__
 from tracer.decode import Decoder
+from tracer.tui.kernel_counts import KernelCounts
 from tracer.probes import GENERATIONS, Attachment, KernelSymbols, ProbeError, detect_generation, detect_semantics, plan
 
 PERF_PAGES = 256  # per CPU: 1 MiB of buffer each, for bursts of I/O
@@ -113,8 +114,11 @@ class Recorder:
     """
 
     def __init__(self, out: IO[bytes] | None, setup: Setup, on_record: Callable[[dict], None] | None = None,
-                 disk: str | None = None):
+                 disk: str | None = None, aggregate: bool = False):
         self.out, self.setup, self.on_record, self.disk = out, setup, on_record, disk
+        # aggregate: count the hot path in kernel maps (KS_AGGREGATE) and send only the rare
+        # events; read the maps with read_counts(). The events then are not a complete trace.
+        self.aggregate = aggregate
         self.stop_requested = False
         self.bpf = None
         self.decoder: Decoder | None = None
@@ -140,16 +144,17 @@ class Recorder:
         """Compile and attach; returns the seconds it took."""
         bcc = import_bcc()
         t0 = time.monotonic()
+        cflags = self.setup.cflags + (["-DKS_AGGREGATE"] if self.aggregate else [])
         if self.setup.probe_type == "fentry":
             try:  # bcc attaches every fentry/fexit program at the end of loading
-                self.bpf = bcc.BPF(text=bpf_source(self.setup), cflags=self.setup.cflags)
+                self.bpf = bcc.BPF(text=bpf_source(self.setup), cflags=cflags)
                 self.attach_start_ns = time.monotonic_ns()
                 return time.monotonic() - t0
             except Exception as e:
                 self.fentry_error = str(e)  # e.g. a symbol without BTF: fall back to kprobes
                 self.setup.probe_type = "kprobe"
         try:
-            self.bpf = bcc.BPF(text=bpf_source(), cflags=self.setup.cflags)
+            self.bpf = bcc.BPF(text=bpf_source(), cflags=cflags)
         except Exception as e:  # bcc raises bare Exception; clang's messages are already on stderr
             raise ProbeError(f"compiling the BPF program failed ({e}); kernel headers: "
                              "/lib/modules/$(uname -r)/build or CONFIG_IKHEADERS") from None
@@ -268,6 +273,18 @@ class Recorder:
                 detach(event=sym)
             except Exception:  # bcc raises bare Exception: not attached, or the old module's probe is gone
                 pass
+
+    def read_counts(self) -> KernelCounts:
+        """The in-kernel aggregation maps (aggregate=True), per-CPU values summed.
+        Pointers are still raw: tracer.tui.kernel_counts fingerprints them."""
+        counts = {}
+        for k, per_cpu in self.bpf["ks_counts"].items():
+            counts[k.value] = {name: sum(getattr(v, name) for v in per_cpu) for name in COUNTERS}
+            counts[k.value]["num_slots"] = max(v.num_slots for v in per_cpu)
+        hists = {(k.profile, k.hist, k.bucket): sum(per_cpu) for k, per_cpu in self.bpf["ks_hists"].items()}
+        slots = {(k.profile, k.slot): {name: getattr(v, name) for name, _ in v._fields_}
+                 for k, v in self.bpf["ks_slots"].items()}
+        return KernelCounts(counts, hists, slots)
 
     def close(self) -> None:
         """Drain, close the readers, detach every probe and flush the file. Idempotent."""

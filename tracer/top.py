@@ -1,7 +1,7 @@
 """keyslot-trace top: a live view of the keyslot manager, from the kernel's probes
 or replayed from a recorded trace.
 
-USAGE: keyslot-trace top [-o FILE] [--json] [interval [count]]                   (live: root, bcc)
+USAGE: keyslot-trace top [-d DISK] [-o FILE] [--every-event] [--json] [interval [count]]  (live: root, bcc)
        keyslot-trace top --from FILE [--speed X] [--check] [--json] [interval [count]]
 
 Three parts, kept apart (shared/style-anchors.md section 5):
@@ -47,6 +47,7 @@ from replay import checker
 from replay.report import describe_op
 from replay.trace import Event, Trace, _parse_event
 from tracer.tui.aggregate import Aggregator, Interval, Snapshot
+from tracer.tui.kernel_counts import KernelAggregator
 from tracer.tui.render import SORTS, View, json_record, plain_block, render, visible_profiles
 
 BATCH = 20_000  # events applied between looks at the keyboard and the clock
@@ -235,10 +236,18 @@ def run_live(recorder, *, as_json: bool = False, interval_s: float = 1.0, count:
              out: TextIO | None = None, name: str = "live", clock: Callable[[], int] = time.monotonic_ns) -> int:
     """Watch the kernel through ``recorder`` (a tracer.record.Recorder, attached) into
     the screen or into plain/JSON lines until COUNT intervals, q, Ctrl-C or SIGTERM.
-    Detaches before returning. Returns the exit status (0)."""
+    Detaches before returning. Returns the exit status (0).
+
+    With ``recorder.aggregate`` the counts, histograms and slot maps are read
+    from the kernel's maps (tracer/tui/kernel_counts.py) and only rare events
+    arrive; otherwise every event is read and counted here."""
     out = out or sys.stdout
     source = LiveSource(recorder, clock)
-    agg = Aggregator(source.header, name, max(1, round(interval_s * 1e9)))
+    interval_ns = max(1, round(interval_s * 1e9))
+    if getattr(recorder, "aggregate", False):
+        agg = KernelAggregator(source.header, name, interval_ns, recorder.read_counts, recorder.decoder, clock)
+    else:
+        agg = Aggregator(source.header, name, interval_ns)
     agg.start_at(source.t0)
     key_fd = None if as_json or not out.isatty() else _open_keys()
     old: dict = {}
@@ -297,7 +306,7 @@ def _run_lines(agg: Aggregator, source: FileSource | LiveSource, marks: CheckMar
         snap = agg.snapshot(marks.shown if marks else None)
         snap = replace(snap, elapsed_ns=iv.end - (agg.t_first or 0))
         if as_json:
-            line = orjson.dumps(json_record(snap, iv.counts, iv.seconds, iv.lost, (iv.start, iv.end))).decode()
+            line = orjson.dumps(json_record(snap, iv.counts, iv.seconds, iv.lost, (iv.start, iv.end), iv.read_end)).decode()
         else:
             line = plain_block(snap, iv.counts, iv.seconds, iv.lost, new) + "\n"
         out.write(line + "\n")
@@ -314,7 +323,7 @@ def _run_lines(agg: Aggregator, source: FileSource | LiveSource, marks: CheckMar
             if live and _close_to_horizon(agg, source, emit):
                 break
             if not batch:
-                time.sleep(min(max(source.wait_s(), TICK_S), 1.0))
+                time.sleep(min(max(source.wait_s(), TICK_S), agg.due_s(), 1.0))
         else:
             if live:  # stopped: the interval in progress, up to the stop
                 end = source.horizon()
@@ -419,6 +428,8 @@ def _run_screen(agg: Aggregator, source: FileSource | LiveSource, marks: CheckMa
                             break
                         dirty |= agg.last_interval is not last  # rates change even when nothing happens
                 now = time.monotonic()
+                # in-kernel counters change without events: redraw them every so often
+                dirty |= now >= next_draw - FRAME_S + agg.redraw_s
                 force = console.size != size
                 if force or (dirty and now >= next_draw):
                     if not (is_live and view.paused):
@@ -431,7 +442,7 @@ def _run_screen(agg: Aggregator, source: FileSource | LiveSource, marks: CheckMa
                     timeout = FRAME_S  # idle: wake only to notice resizes
                 else:
                     timeout = min(max(source.wait_s(), TICK_S) if source.speed else 0.0,
-                                  max(next_draw - now, 0.0) if dirty else FRAME_S)
+                                  max(next_draw - now, 0.0) if dirty else FRAME_S, agg.due_s())
                 if select.select([fd], [], [], timeout)[0]:
                     quit_ = False
                     for key in parse_keys(os.read(fd, 64).decode(errors="ignore")):

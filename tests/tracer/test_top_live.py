@@ -142,6 +142,48 @@ def test_replay_only_options_need_from(tmp_path):
     for args in (["--check"], ["--speed", "2"]):
         r = CliRunner().invoke(cli, ["top", *args])
         assert r.exit_code == 2 and "--from FILE" in r.stderr and r.stderr.count("\n") == 1
-    r = CliRunner().invoke(cli, ["top", "--from", str(EXAMPLE), "-o", str(tmp_path / "x.ndjson")])
-    assert r.exit_code == 2 and r.stderr.count("\n") == 1
+    for args in (["-o", str(tmp_path / "x.ndjson")], ["-d", "sda"], ["--every-event"]):
+        r = CliRunner().invoke(cli, ["top", "--from", str(EXAMPLE), *args])
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "live kernel" in r.stderr, args
     assert "live" in CliRunner().invoke(cli, ["top", "--help"]).output
+
+
+class FakeKernelRecorder(FakeRecorder):
+    """Counting in the kernel: no hot events, and maps whose gets counter grows by one
+    per millisecond of the fake clock."""
+
+    aggregate = True
+
+    def __init__(self):
+        super().__init__(EXAMPLE)
+        self.records = []  # no events at all
+        self.reads = []
+
+    def start(self, header):
+        from tracer.decode import Decoder
+        super().start(header)
+        self.decoder = Decoder(lambda r: None)
+
+    def read_counts(self):
+        from probes.events import COUNTERS
+        from tracer.tui.kernel_counts import KernelCounts
+        gets = (self.now - self.attach_start_ns) // 1_000_000
+        self.reads.append((self.now, gets))
+        return KernelCounts({0xF00: {**dict.fromkeys(COUNTERS, 0), "gets": gets, "num_slots": 4}}, {}, {})
+
+
+def test_counting_in_the_kernel_closes_intervals_at_readings_of_the_maps():
+    rec = FakeKernelRecorder()
+    status, out = run_live(rec, as_json=True, interval_s=1.0, count=5)
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert status == 0 and rec.closed and len(lines) == 5
+    assert lines[0]["start_ns"] == rec.attach_start_ns
+    for a, b in zip(lines, lines[1:]):
+        assert a["end_ns"] == b["start_ns"]
+    for x in lines:
+        assert 1.0 <= x["interval_s"] < 1.1 and x["read_end_ns"] > x["end_ns"]
+        # the reading taken at end_ns, minus the one before
+        at_end = [g for t, g in rec.reads if t == x["end_ns"]]
+        before = [g for t, g in rec.reads if t == x["start_ns"]]
+        assert x["gets"] == at_end[0] - (before[-1] if before else 0)
+        assert x["profiles"][0]["num_slots"] == 4

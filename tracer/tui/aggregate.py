@@ -36,14 +36,14 @@ order, ``advance_to(t)`` to close the intervals rates are computed over, and
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import astuple, dataclass, field
 
-from probes.events import EventKind
+from probes.events import HIST_BUCKETS, EventKind  # HIST_BUCKETS: bucket b counts [2**(b-1), 2**b) ns
 from replay.trace import Event, Header
 
 UNOBSERVED = "?"  # key of a slot whose content the trace has not shown yet
-HIST_BUCKETS = 40  # log2 buckets of nanoseconds: bucket b counts [2**(b-1), 2**b) ns
 
 
 @dataclass(slots=True)
@@ -162,6 +162,8 @@ class Interval:
     end: int
     counts: dict[str, Counts]  # per profile
     lost: int
+    read_end: int | None = None  # in-kernel counters: read during [end, read_end), so they may
+    #                              include events up to read_end (tracer/tui/kernel_counts.py)
 
     @property
     def seconds(self) -> float:
@@ -195,6 +197,8 @@ class Snapshot:
 
 
 class Aggregator:
+    redraw_s = math.inf  # the screen redraws when events arrive; KernelAggregator also every redraw_s
+
     def __init__(self, header: Header, source: str = "", interval_ns: int = 1_000_000_000, log_size: int = 200):
         self.header, self.source, self.interval_ns = header, source, interval_ns
         self.profiles: dict[str, _Profile] = {}
@@ -412,13 +416,20 @@ class Aggregator:
 
     def current(self, end: int | None = None) -> Interval:
         """The interval in progress, from its start to ``end`` (default: the last event)."""
+        return self._interval(end)
+
+    def due_s(self) -> float:
+        """Seconds until the loop must call advance_to() again (intervals here close on event times)."""
+        return math.inf
+
+    def _interval(self, end: int | None) -> Interval:
         zero = Counts()
         counts = {pid: p.counts - self._base.get(pid, zero) for pid, p in self.profiles.items()}
         return Interval(self.interval_start or 0, self.t_last if end is None else end, counts,
                         self.lost - self._base_lost)
 
     def _close(self, end: int) -> Interval:
-        iv = self.current(end)
+        iv = self._interval(end)
         self._base = {pid: p.counts + Counts() for pid, p in self.profiles.items()}
         self._base_lost = self.lost
         self.last_interval = iv

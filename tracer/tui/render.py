@@ -324,9 +324,10 @@ def plain_block(snap: Snapshot, iv_counts: dict[str, Counts], seconds: float, lo
 
 
 def json_record(snap: Snapshot, iv_counts: dict[str, Counts], seconds: float, lost: int,
-                window: tuple[int, int] | None = None) -> dict:
+                window: tuple[int, int] | None = None, read_end: int | None = None) -> dict:
     """One interval as a JSON object (--json). ``window``: the interval's [start, end) in
-    trace-clock nanoseconds (CLOCK_MONOTONIC for live and recorded traces)."""
+    trace-clock nanoseconds (CLOCK_MONOTONIC for live and recorded traces); ``read_end``:
+    in-kernel counters, read between end and read_end."""
     def counts(c: Counts) -> dict:
         d = {k: getattr(c, k) for k in Counts.__slots__}
         d.update(hit_pct=c.hit_pct, **{f"{k}_per_s": getattr(c, k) / seconds if seconds > 0 else None
@@ -336,13 +337,23 @@ def json_record(snap: Snapshot, iv_counts: dict[str, Counts], seconds: float, lo
     return {
         "t_s": snap.elapsed_ns / 1e9, "interval_s": seconds, "lost": lost,
         **({"start_ns": window[0], "end_ns": window[1]} if window else {}),
+        **({"read_end_ns": read_end} if read_end is not None else {}),
         **counts(sum(iv_counts.values(), Counts())),
         "profiles": [
             {"id": p.id, "device": p.device, "num_slots": p.num_slots, **counts(iv_counts.get(p.id, Counts())),
              "slots": [{"slot": s.index, "key": s.key, "refs": s.refs, "refs_exact": s.refs_exact,
                         "state": s.state, "lru": s.lru, "programs": s.programs,
                         "last_program_ns": s.last_program_ns} for s in p.slots],
+             # since the start, log2 buckets of ns (bucket b: [2**(b-1), 2**b)), trailing zeros cut
+             "hist": {"slot_wait": _trim(p.wait_hist), "program": _trim(p.prog_hist)},
              "divergence": p.divergence}
             for p in snap.profiles
         ],
     }
+
+
+def _trim(hist: tuple[int, ...]) -> list[int]:
+    n = len(hist)
+    while n and not hist[n - 1]:
+        n -= 1
+    return list(hist[:n])
