@@ -1,13 +1,18 @@
 #!/usr/bin/python3
-"""Inside the test VM: `keyslot-trace record` and live `keyslot-trace top INTERVAL COUNT
---json -o FILE` on the same kernel at the same time, while a workload scenario runs.
+"""Inside the test VM: `keyslot-trace record` and two live `keyslot-trace top INTERVAL
+COUNT --json` on the same kernel at the same time, while a workload scenario runs: one
+with `-o FILE` (every event goes to user space), one counting in the kernel (the
+default without -o).
 
-Order: record is started and fully attached first, then top (so every event top can
-see, record sees too), then the workload. top stops by itself after COUNT intervals;
-record is stopped with SIGTERM after top and the workload have finished.
+Order: record is started and fully attached first, then the tops one after the other
+(so every event a top can see, record sees too), then the workload. The in-kernel top,
+attached last, stops by itself after COUNT intervals; then the every-event top (which
+started earlier, by as much as the other's compile time) is stopped with SIGTERM, and
+record after it.
 
-Writes to OUT: trace.ndjson + record.log (record), top.jsonl + top.log + top.ndjson
-(top's stdout, stderr and -o trace), <scenario>.json, run.json (exit codes, times).
+Writes to OUT: trace.ndjson + record.log (record); top.jsonl + top.log + top.ndjson
+(the every-event top's stdout, stderr and -o trace); topk.jsonl + topk.log (the
+in-kernel counting top); <scenario>.json, run.json (exit codes, times).
 The host side is tests/kernel/test_top_live.py.
 """
 
@@ -63,32 +68,39 @@ def main() -> int:
         return fail("record " + err)
     run["record_attach_s"] = round(time.monotonic() - t0, 1)
 
-    top_out, top_log = open(out / "top.jsonl", "w"), open(out / "top.log", "w")
-    t0 = time.monotonic()
-    top = subprocess.Popen(TOOL + ["top", "--json", "-o", str(out / "top.ndjson"), args.interval, str(args.count)],
-                           env=env, stdout=top_out, stderr=top_log, stdin=subprocess.DEVNULL)
-    if (err := wait_for(top, out / "top.log", "watching", 900)):
-        rec.send_signal(signal.SIGTERM)
-        rec.wait(timeout=120)
-        return fail("top " + err)
-    run["top_attach_s"] = round(time.monotonic() - t0, 1)
+    tops = {}
+    for name, extra in (("top", ["-o", str(out / "top.ndjson"), args.interval]),
+                        ("topk", [args.interval, str(args.count)])):
+        t0 = time.monotonic()
+        tops[name] = subprocess.Popen(TOOL + ["top", "--json", *extra], env=env,
+                                      stdout=open(out / f"{name}.jsonl", "w"), stderr=open(out / f"{name}.log", "w"),
+                                      stdin=subprocess.DEVNULL)
+        if (err := wait_for(tops[name], out / f"{name}.log", "watching", 900)):
+            for p in [*tops.values(), rec]:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=120)
+            return fail(f"{name} {err}")
+        run[f"{name}_attach_s"] = round(time.monotonic() - t0, 1)
 
     start = time.monotonic_ns()
     w = subprocess.run([sys.executable, str(ROOT / "tests/kernel/workload.py"), "--scenario", args.scenario,
                         "--report", str(out / f"{args.scenario}.json")], capture_output=True, text=True)
     run["workload"] = {"start_ns": start, "end_ns": time.monotonic_ns(), "rc": w.returncode,
                        "stderr": w.stderr[-2000:]}
-    try:
-        run["top_rc"] = top.wait(timeout=float(args.interval) * args.count + 300)
-    except subprocess.TimeoutExpired:
-        top.kill()
-        run["top_rc"] = "timeout"
-    run["top_end_ns"] = time.monotonic_ns()
+    for name, top in reversed(tops.items()):
+        if name == "top":
+            top.send_signal(signal.SIGTERM)
+        try:
+            run[f"{name}_rc"] = top.wait(timeout=float(args.interval) * args.count + 300)
+        except subprocess.TimeoutExpired:
+            top.kill()
+            run[f"{name}_rc"] = "timeout"
+        run[f"{name}_end_ns"] = time.monotonic_ns()
     time.sleep(0.5)
     rec.send_signal(signal.SIGTERM)
     run["record_rc"] = rec.wait(timeout=120)
     (out / "run.json").write_text(json.dumps(run, indent=1))
-    return 0 if run["top_rc"] == 0 and run["record_rc"] == 0 and w.returncode == 0 else 1
+    return 0 if run["top_rc"] == run["topk_rc"] == run["record_rc"] == w.returncode == 0 else 1
 
 
 if __name__ == "__main__":
