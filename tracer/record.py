@@ -8,6 +8,7 @@ complete and readable.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import datetime
 import os
 import platform
@@ -119,6 +120,7 @@ class Recorder:
         # aggregate: count the hot path in kernel maps (KS_AGGREGATE) and send only the rare
         # events; read the maps with read_counts(). The events then are not a complete trace.
         self.aggregate = aggregate
+        self._final_counts: KernelCounts | None = None
         self.stop_requested = False
         self.bpf = None
         self.decoder: Decoder | None = None
@@ -129,6 +131,7 @@ class Recorder:
         self._init_t: int | None = None  # earliest profile_init since the last rescan
         self._new_profiles: set[int] = set()  # profiles initialised since the last rescan
         self._first_op_t: int | None = None  # their first get/evict/reprogram
+        self._held: list[RawEvent] = []  # their operations' events, until their drivers' callbacks are probed
         self._late: dict[str, int] = {}  # driver callbacks attached after start (modules loaded later) -> address
 
     def header(self) -> Header:
@@ -198,10 +201,13 @@ class Recorder:
                 self._rescan = True  # perhaps a driver module loaded since the probes were attached
                 self._init_t = min(self._init_t or e.ts_ns, e.ts_ns)
                 self._new_profiles.add(e.profile)
-            elif e.kind in _OPS_WITH_CALLBACKS and e.profile in self._new_profiles:
-                self._first_op_t = min(self._first_op_t or e.ts_ns, e.ts_ns)
             elif e.kind == EventKind.profile_destroy:
                 self._destroyed = True
+            elif e.profile in self._new_profiles and e.kind != EventKind.profile_register:
+                if e.kind in _OPS_WITH_CALLBACKS:
+                    self._first_op_t = min(self._first_op_t or e.ts_ns, e.ts_ns)
+                self._held.append(e)  # written once attach_late_drivers knows whether it is complete
+                return
             decoder.event(e)
 
         events = self._events = self.bpf["events"]
@@ -225,10 +231,12 @@ class Recorder:
 
         They are attached when a profile_init arrives (a module initialises its
         profile while it loads), as kprobes (the program text has them in either
-        mode), and again when the module is loaded again. If a new profile was
-        already used before the attach completed, its driver's first callbacks
-        may be missing: a lost marker at the profile's creation then makes
-        replay resynchronise instead of mistaking a missed program for a hit."""
+        mode), and again when the module is loaded again. Until then the new
+        profiles' operations are held back. If one was used before the attach
+        completed, its driver's callbacks until then are missing: those held
+        events are dropped and counted in a lost marker at the profile's creation,
+        so replay resynchronises there and judges only the complete events after
+        the attach, instead of mistaking a missed program for a hit."""
         ks = KernelSymbols.read()
         attached_now = False
         gone = _gone_kprobes()
@@ -259,12 +267,25 @@ class Recorder:
         if attached_now:
             attached_t = time.monotonic_ns()
             self.bpf.perf_buffer_poll(timeout=0)  # what happened before the attach is buffered by now
-            if self._first_op_t is not None and self._first_op_t < attached_t and self.decoder is not None:
-                # the new profile was used before its driver's callbacks were probed: some may be missing
-                self.decoder.lost(0, 0, self._init_t or attached_t, at=self._init_t)
+            if self._first_op_t is not None and self._first_op_t < attached_t:
+                # the new profiles were used before their driver's callbacks were probed
+                self._drop_held_before(attached_t)
         if not self._rescan:  # nothing left to retry
-            self._init_t = self._first_op_t = None
-            self._new_profiles.clear()
+            self._release_held()
+
+    def _drop_held_before(self, t: int) -> None:
+        """The held events before ``t`` are incomplete: count them in a lost marker at the
+        new profiles' creation instead of writing them."""
+        incomplete = [e for e in self._held if e.ts_ns < t]
+        self._held = [e for e in self._held if e.ts_ns >= t]
+        self.decoder.lost(0, len(incomplete), self._init_t, at=self._init_t)
+
+    def _release_held(self) -> None:
+        self._init_t = self._first_op_t = None
+        self._new_profiles.clear()
+        held, self._held = self._held, []
+        for e in held:
+            self.decoder.event(e)
 
     def _detach_late(self, sym: str) -> None:
         self._late.pop(sym, None)
@@ -276,7 +297,10 @@ class Recorder:
 
     def read_counts(self) -> KernelCounts:
         """The in-kernel aggregation maps (aggregate=True), per-CPU values summed.
-        Pointers are still raw: tracer.tui.kernel_counts fingerprints them."""
+        Pointers are still raw: tracer.tui.kernel_counts fingerprints them. After
+        close(), the last reading, taken as the probes were detached."""
+        if self.bpf is None:
+            return self._final_counts or KernelCounts({}, {}, {})
         counts = {}
         for k, per_cpu in self.bpf["ks_counts"].items():
             counts[k.value] = {name: sum(getattr(v, name) for v in per_cpu) for name in COUNTERS}
@@ -291,11 +315,21 @@ class Recorder:
         try:
             if self.bpf is not None and self._events is not None:
                 self.bpf.perf_buffer_poll(timeout=0)  # drain what is already buffered
+                if self._held and self._rescan:  # a profile appeared since the last look at the drivers
+                    self._rescan = False
+                    self.attach_late_drivers()
+                if self._held and self._rescan:  # its driver's callbacks could not be attached
+                    self._drop_held_before(time.monotonic_ns())
+                if self._held:
+                    self._release_held()
         finally:
             if self._events is not None:
                 for cpu in list(self._events._open_key_fds):  # close the readers before bcc's cleanup does it twice
                     del self._events[cpu]
                 self._events = None
+            if self.aggregate and self.bpf is not None:  # what live top's last interval shows
+                t0 = time.monotonic_ns()
+                self._final_counts = dataclasses.replace(self.read_counts(), read_ns=(t0, time.monotonic_ns()))
             self.detach()
             if self.out is not None:
                 self.out.flush()

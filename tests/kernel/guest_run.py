@@ -47,11 +47,11 @@ def main() -> int:
     t0 = time.monotonic()
     rec = subprocess.Popen(TOOL + ["record", "-o", str(out / "trace.ndjson"), *args.record_arg], env=env,
                            stderr=log, stdout=log)
-    while "recording to" not in (out / "record.log").read_text():
+    while "recording to" not in (out / "record.log").read_text(errors="replace"):
         if rec.poll() is not None:
             run["record_rc"] = rec.returncode
             (out / "run.json").write_text(json.dumps(run))
-            print("record exited before it was ready:\n" + (out / "record.log").read_text(), file=sys.stderr)
+            print("record exited before it was ready:\n" + (out / "record.log").read_text(errors="replace"), file=sys.stderr)
             return 1
         if time.monotonic() - t0 > 900:
             rec.kill()
@@ -59,6 +59,7 @@ def main() -> int:
             return 1
         time.sleep(0.5)
     run["attach_seconds"] = round(time.monotonic() - t0, 1)
+    scenario_env["KSDISK_RECORD_PID"] = str(rec.pid)  # late-attach stops and continues it
 
     status = 0
     for name in args.scenario:

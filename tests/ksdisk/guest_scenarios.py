@@ -38,6 +38,9 @@ Scenarios:
                     -> ksdisk_keyslot_evict. Also checks that dm-striped gets no profile.
   passthrough-disk  num_slots=0: ksdisk's own passthrough profile; keys come with each
                     request; key removal calls ksdisk_keyslot_evict(slot -1).
+  late-attach       `record` (pid in $KSDISK_RECORD_PID) is stopped before insmod and
+                    continued after 4 files were written and read: it attaches to the
+                    module's callbacks after they ran and must write a lost marker.
   busy-evict        not provokable legitimately; reports why (no module load).
 """
 from __future__ import annotations
@@ -50,6 +53,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -440,6 +444,29 @@ def sc_native_lru(ctx):
     return {"workload": rep, "stats_delta": d}
 
 
+def sc_late_attach(ctx):
+    """A tracer that attaches to the driver's callbacks too late: `record` (its pid in
+    KSDISK_RECORD_PID) is stopped with SIGSTOP before the module loads (run_scenario),
+    files are written and read while its built-in get/put probes buffer events but the
+    module's program callback is not probed yet, then it is continued, attaches late,
+    and must write a lost marker; after a pause, more files, now fully traced."""
+    pid = int(os.environ["KSDISK_RECORD_PID"])
+    parts = []
+    for part in ("before-attach", "after-attach"):
+        a = wargs(ctx.args, files=4, dirs=2)
+        with BlockFS(DEV) as fs:
+            rep = new_wrep("lru-churn", fs, a)
+            wl.sc_lru_churn(a, fs, rep)
+            finish_fs(fs, rep, scan=False)
+        parts.append(rep)
+        if part == "before-attach":
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(float(os.environ.get("KSDISK_SETTLE_S", "5")))  # record attaches meanwhile
+    d = read_stats()  # the module was loaded for this scenario: its counts so far
+    ctx.check("the driver programmed keys (driver stats)", d["program_ok"] > 0, d["program_ok"])
+    return {"workload": parts, "stats": d}
+
+
 def sc_contention(ctx):
     slots = ctx.args.slots if ctx.args.slots is not None else 1
     a = wargs(ctx.args, threads=ctx.args.threads or 3, rounds=ctx.args.rounds or 4,
@@ -751,6 +778,7 @@ SCENARIOS = {
     "wrong-key": (sc_wrong_key, {"num_slots": 4}),
     "dm-passthrough": (sc_dm_passthrough, {"num_slots": 4}),
     "passthrough-disk": (sc_passthrough_disk, {"num_slots": 0}),
+    "late-attach": (sc_late_attach, {"num_slots": 4}),
     "busy-evict": (None, None),
 }
 
@@ -777,6 +805,16 @@ def run_scenario(args, name, report) -> dict:
     ctx = Ctx(args, report)
     warn0 = dmesg_count(r"WARNING:|BUG:|Oops")
     t0 = time.monotonic()
+    if fn is sc_late_attach:  # the tracer must not see the module load: stopped until the scenario continues it
+        os.kill(int(os.environ["KSDISK_RECORD_PID"]), signal.SIGSTOP)
+    try:
+        return _run_scenario(args, fn, params, ctx, report, warn0, t0)
+    finally:
+        if fn is sc_late_attach:  # also if it failed before continuing it
+            os.kill(int(os.environ["KSDISK_RECORD_PID"]), signal.SIGCONT)
+
+
+def _run_scenario(args, fn, params, ctx, report, warn0, t0) -> dict:
     with Module(args.ko, params):
         cs = crypto_sysfs(DISK)
         report["disk_crypto_sysfs"] = cs
