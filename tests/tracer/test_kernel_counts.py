@@ -130,3 +130,15 @@ def test_only_rare_events_are_applied_and_they_never_change_the_counts():
     assert snap.totals.evicts == 1 and snap.lost == 4 and len(snap.log) == 4  # 2 inits + 2 events
     [fb] = [p for p in snap.profiles if p.id == pid]
     assert fb.approx is None  # a lost rare event does not make the kernel's own slot map unreliable
+
+
+def test_after_the_detach_the_last_reading_ends_the_last_interval_once():
+    clock = Clock()
+    start = clock.t
+    final = KernelCounts({FB: counters(2, gets=9)}, {}, {}, read_ns=(start + 300_000_000, start + 300_001_000))
+    agg, _ = make([final] * 4, clock=clock)  # every reading after the detach is the one taken at it
+    clock.t = start + 2_000_000_000  # the interval was due long after the detach
+    [iv] = agg.advance_to(0)
+    assert (iv.end, iv.read_end, iv.total.gets) == (*final.read_ns, 9)
+    clock.t += 1_000_000_000
+    assert agg.advance_to(0) == []  # no newer reading: no empty interval after it

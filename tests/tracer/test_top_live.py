@@ -2,6 +2,7 @@
 events the way per-CPU perf buffers do (sorted per CPU, not across CPUs), on a
 fake clock. The real-kernel test is tests/kernel/test_top_live.py."""
 
+import dataclasses
 import io
 import json
 import os
@@ -165,11 +166,20 @@ class FakeKernelRecorder(FakeRecorder):
         self.decoder = Decoder(lambda r: None)
 
     def read_counts(self):
+        """As Recorder.read_counts: after close(), the reading taken at close()."""
         from probes.events import COUNTERS
         from tracer.tui.kernel_counts import KernelCounts
+        if self.closed:
+            return self.final
         gets = (self.now - self.attach_start_ns) // 1_000_000
         self.reads.append((self.now, gets))
         return KernelCounts({0xF00: {**dict.fromkeys(COUNTERS, 0), "gets": gets, "num_slots": 4}}, {}, {})
+
+    def close(self):
+        if not self.closed:
+            t = self.now
+            self.final = dataclasses.replace(self.read_counts(), read_ns=(t, t + 1000))
+        super().close()
 
 
 def test_counting_in_the_kernel_closes_intervals_at_readings_of_the_maps():
@@ -187,3 +197,14 @@ def test_counting_in_the_kernel_closes_intervals_at_readings_of_the_maps():
         before = [g for t, g in rec.reads if t == x["start_ns"]]
         assert x["gets"] == at_end[0] - (before[-1] if before else 0)
         assert x["profiles"][0]["num_slots"] == 4
+
+
+def test_counting_in_the_kernel_stopped_by_sigterm_reports_the_interval_in_progress():
+    rec = FakeKernelRecorder()
+    rec.stop_at = rec.now + 2_500_000_000
+    status, out = run_live(rec, as_json=True, interval_s=1.0)
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert status == 0 and rec.closed and len(lines) == 3
+    last = lines[-1]
+    assert 0 < last["interval_s"] < 1.0  # the interval in progress, up to a last reading of the maps
+    assert sum(x["gets"] for x in lines) == dict(rec.reads)[last["end_ns"]]

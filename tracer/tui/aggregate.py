@@ -29,9 +29,10 @@ reference model predicts (comparing the two is --check's job):
   program result != 0 (a failed program counts twice: its result and the get's status).
 
 The aggregator consumes ``replay.trace.Event`` objects from any iterator (a
-recorded file now, a live recorder later): ``apply(ev)`` for each event in time
-order, ``advance_to(t)`` to close the intervals rates are computed over, and
-``snapshot()`` for an immutable view to render.
+recorded file, or a live recorder): ``apply(ev)`` for each event in time order,
+``advance_to(t)`` to close the intervals rates are computed over, and
+``snapshot()`` for an immutable view to render. Live top by default reads the
+same numbers from the kernel's own counters instead (tracer/tui/kernel_counts.py).
 """
 
 from __future__ import annotations

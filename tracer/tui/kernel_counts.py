@@ -45,6 +45,7 @@ class KernelCounts:
     counters: dict[int, dict[str, int]]  # profile -> struct ks_counters fields (and num_slots)
     hists: dict[tuple[int, int, int], int]  # (profile, HIST_*, bucket) -> count
     slots: dict[tuple[int, int], dict[str, int]]  # (profile, slot) -> struct ks_slot_state fields
+    read_ns: tuple[int, int] | None = None  # when it was read, if earlier than now (the last one, at detach)
 
 
 # what still arrives as events: everything that is not counted in the maps
@@ -72,10 +73,9 @@ class KernelAggregator(Aggregator):
     def sync(self) -> None:
         before = self.clock()
         counts = self.read()
-        self.read_end = self.clock()
-        self.read_t = before
+        self.read_t, self.read_end = counts.read_ns or (before, self.clock())
         self.load(counts)
-        self.t_last = max(self.t_last, before)
+        self.t_last = max(self.t_last, self.read_t)
 
     def _sync_if_stale(self) -> None:
         if self.read_t is None or self.clock() - self.read_t > STALE_NS:
@@ -137,6 +137,8 @@ class KernelAggregator(Aggregator):
         if self.interval_start is None or self.clock() < self.interval_start + self.interval_ns:
             return []
         self.sync()
+        if self.read_t <= self.interval_start:  # the probes are detached: no newer reading will come
+            return []
         iv = self._close(self.read_t)
         self.interval_start = self.read_t
         return [iv]
