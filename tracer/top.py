@@ -132,6 +132,7 @@ class LiveSource:
         self._i = 0
         self._n = 1  # line numbers: the header is line 1
         self._stopping = False
+        self._drained = False  # the recorder was closed and everything it read was released
         self.done = False
         self.late = 0  # events that arrived after their time had been released (counted where they landed)
         recorder.on_record = self._on_record
@@ -156,8 +157,11 @@ class LiveSource:
         if self._i >= len(self._ready):
             self._ready, self._i = [], 0
             now = self.clock()
+            # stop() may be called by a signal handler during recorder.poll() below: only a
+            # poll that started stopping drains the buffers and may end the source
             if self._stopping:
                 self.recorder.close()
+                self._drained = True
                 now = max([now] + [e.t + 1 for e in self._new])
                 self._horizon = now
             else:
@@ -169,7 +173,7 @@ class LiveSource:
                 self._ready, self._new = self._new[:k], self._new[k:]
         batch = self._ready[self._i:self._i + limit]
         self._i += len(batch)
-        if self._stopping and self._i >= len(self._ready):
+        if self._drained and self._i >= len(self._ready):
             self.done = True
         return batch
 

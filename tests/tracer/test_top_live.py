@@ -82,7 +82,7 @@ def in_window(trace, kind, start, end):
 
 
 def test_json_intervals_match_the_events_in_their_windows():
-    rec = FakeRecorder(EXAMPLE, stop_after_ns=1_500_000_000)
+    rec = FakeRecorder(EXAMPLE, stop_after_ns=1_300_000_000)  # not at an interval's end: a partial one at SIGTERM
     status, out = run_live(rec, as_json=True, interval_s=1.0)
     assert status == 0 and rec.closed
     lines = [json.loads(x) for x in out.splitlines()]
@@ -208,3 +208,13 @@ def test_counting_in_the_kernel_stopped_by_sigterm_reports_the_interval_in_progr
     last = lines[-1]
     assert 0 < last["interval_s"] < 1.0  # the interval in progress, up to a last reading of the maps
     assert sum(x["gets"] for x in lines) == dict(rec.reads)[last["end_ns"]]
+
+
+def test_sigterm_during_a_read_still_counts_every_event():
+    """SIGTERM arrives inside the recorder's poll, while the newest events are still held
+    back for ordering: they must be drained and counted, not dropped."""
+    rec = FakeRecorder(EXAMPLE, stop_after_ns=-1_000_000_000)  # the last second's events are not delivered yet
+    status, out = run_live(rec, as_json=True, interval_s=1.0)
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert status == 0 and rec.closed
+    assert sum(x["gets"] for x in lines) == in_window(rec.trace, "get_return", 0, 1 << 63)
