@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "vm"))
-from vm import run_in_vm  # noqa: E402
+from vm import run_guest_script  # noqa: E402
 
 GUEST = r'''
 import json, os, signal, subprocess, sys, time
@@ -57,17 +55,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", default="16")
     args = ap.parse_args()
-    kernel = Path(subprocess.run([str(ROOT / "tests/vm/build-kernel.sh")], check=True, capture_output=True,
-                                 text=True).stdout.split()[-1])
-    cache = Path(os.environ.get("KEYSLOT_TRACE_CACHE", Path.home() / ".cache" / "keyslot-trace"))
-    out = cache / "bench-out"
-    out.mkdir(parents=True, exist_ok=True)
-    script = out / "guest.py"
-    script.write_text(GUEST.format(root=ROOT))
-    r = run_in_vm(f"{ROOT / '.venv/bin/python'} {script} {out} {args.rounds}", kernel=kernel, timeout=1800,
-                  cmdline=["blk_crypto_fallback.num_keyslots=4"], rwdirs=[out], memory="2G", cpus=2)
-    if r.returncode != 0:
-        sys.exit(f"guest failed:\n{r.stderr[-3000:]}")
+    out = run_guest_script("bench-out", GUEST.format(root=ROOT), [args.rounds],
+                           cmdline=["blk_crypto_fallback.num_keyslots=4"], timeout=1800)
     res = json.loads((out / "bench.json").read_text())
     untraced = (res["untraced_s"] + res["untraced_again_s"]) / 2
     print(f"workload untraced: {res['untraced_s']:.2f} s and {res['untraced_again_s']:.2f} s (mean {untraced:.2f} s)")

@@ -34,12 +34,12 @@ TOOL = [sys.executable, "-m", "tracer.cli"]
 def wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float) -> str | None:
     """None when ``text`` is in ``log``, else what went wrong."""
     t0 = time.monotonic()
-    while text not in log.read_text():
+    while text not in log.read_text(errors="replace"):
         if proc.poll() is not None:
-            return f"exited ({proc.returncode}) before it was ready:\n{log.read_text()}"
+            return f"exited ({proc.returncode}) before it was ready:\n{log.read_text(errors="replace")}"
         if time.monotonic() - t0 > timeout:
             proc.kill()
-            return f"not ready after {timeout} s:\n{log.read_text()}"
+            return f"not ready after {timeout} s:\n{log.read_text(errors="replace")}"
         time.sleep(0.5)
     return None
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-__all__ = ["VMResult", "VMError", "VMTimeout", "VMBootError", "run_in_vm", "find_vng"]
+__all__ = ["VMResult", "VMError", "VMTimeout", "VMBootError", "run_in_vm", "run_guest_script", "find_vng"]
 
 CACHE_ROOT = Path(os.environ.get("KEYSLOT_TRACE_CACHE", Path.home() / ".cache" / "keyslot-trace"))
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -218,6 +218,28 @@ def run_in_vm(
     finally:
         if not keep_rundir:
             shutil.rmtree(x, ignore_errors=True)
+
+
+def run_guest_script(name: str, text: str, args: Sequence[str] = (), *, cmdline: Sequence[str] = (),
+                     timeout: float = 3600) -> Path:
+    """Benchmarks: boot the test kernel (built by build-kernel.sh if need be) and run
+    ``text`` with the repo's venv python as ``SCRIPT OUT ARGS...``, where OUT is
+    CACHE_ROOT/NAME (kept between runs), shared read-write. Returns OUT; raises
+    VMError if the script fails."""
+    build = subprocess.run([str(Path(__file__).with_name("build-kernel.sh"))], capture_output=True, text=True)
+    if build.returncode != 0:
+        raise VMError(f"building the test kernel failed:\n{build.stderr[-3000:]}")
+    out = CACHE_ROOT / name
+    out.mkdir(parents=True, exist_ok=True)
+    script = out / "guest.py"
+    script.write_text(text)
+    python = Path(__file__).resolve().parent.parent.parent / ".venv/bin/python"
+    cmd = " ".join(shlex.quote(str(x)) for x in (python, script, out, *args))
+    r = run_in_vm(cmd, kernel=Path(build.stdout.split()[-1]), timeout=timeout, cmdline=list(cmdline),
+                  rwdirs=[out], memory="2G", cpus=2)
+    if r.returncode != 0:
+        raise VMError(f"guest script failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return out
 
 
 def default_kernel() -> Optional[Path]:
