@@ -129,9 +129,11 @@ class Recorder:
         self.fentry_error: str | None = None  # why fentry failed and kprobes were used instead
         self._rescan = self._destroyed = False
         self._init_t: int | None = None  # earliest profile_init since the last rescan
-        self._new_profiles: set[int] = set()  # profiles initialised since the last rescan
+        self._new_profiles: dict[int, int] = {}  # profiles initialised since the last rescan -> init time
         self._first_op_t: int | None = None  # their first get/evict/reprogram
         self._held: list[RawEvent] = []  # their operations' events, until their drivers' callbacks are probed
+        self._read: list = []  # what the last read of the perf buffers returned: events and (cpu, lost count)
+        self._start_t = 0
         self._late: dict[str, int] = {}  # driver callbacks attached after start (modules loaded later) -> address
 
     def header(self) -> Header:
@@ -196,32 +198,50 @@ class Recorder:
             write_line(orjson.dumps((header or self.header()).to_json()) + b"\n")
 
         def on_event(cpu, data, size):
-            e = RawEvent.from_buffer_copy(ctypes.string_at(data, ctypes.sizeof(RawEvent)))
-            if e.kind == EventKind.profile_init:
-                self._rescan = True  # perhaps a driver module loaded since the probes were attached
-                self._init_t = min(self._init_t or e.ts_ns, e.ts_ns)
-                self._new_profiles.add(e.profile)
-            elif e.kind == EventKind.profile_destroy:
-                self._destroyed = True
-            elif e.profile in self._new_profiles and e.kind != EventKind.profile_register:
-                if e.kind in _OPS_WITH_CALLBACKS:
-                    self._first_op_t = min(self._first_op_t or e.ts_ns, e.ts_ns)
-                self._held.append(e)  # written once attach_late_drivers knows whether it is complete
-                return
-            decoder.event(e)
+            self._read.append(RawEvent.from_buffer_copy(ctypes.string_at(data, ctypes.sizeof(RawEvent))))
 
+        def on_lost(cpu, n):
+            self._read.append((cpu, n))  # in order: the marker goes after what was read before it
+
+        self._start_t = start_t
         events = self._events = self.bpf["events"]
         # One reader per CPU, so that a loss is known per CPU and its marker
         # can be placed after the last event read from that CPU.
         from bcc.utils import get_online_cpus
         for cpu in get_online_cpus():
-            events._open_perf_buffer(cpu, on_event, PERF_PAGES,
-                                     lambda n, cpu=cpu: decoder.lost(cpu, n, start_t), 1)
+            events._open_perf_buffer(cpu, on_event, PERF_PAGES, lambda n, cpu=cpu: on_lost(cpu, n), 1)
         return decoder
+
+    def _read_buffers(self, timeout_ms: int) -> None:
+        """Read the perf buffers and decode what they held.
+
+        A read takes one CPU's buffer after the other, so a new profile's init
+        may come after its first operations read from another CPU: the whole read
+        is looked at for inits first. A new profile's operations are then held
+        back until attach_late_drivers knows whether they are complete."""
+        self.bpf.perf_buffer_poll(timeout=timeout_ms)
+        read, self._read = self._read, []
+        for e in read:
+            if isinstance(e, RawEvent) and e.kind == EventKind.profile_init:
+                self._rescan = True  # perhaps a driver module loaded since the probes were attached
+                self._init_t = min(self._init_t or e.ts_ns, e.ts_ns)
+                self._new_profiles[e.profile] = e.ts_ns
+        for e in read:
+            if not isinstance(e, RawEvent):
+                self.decoder.lost(e[0], e[1], self._start_t)
+                continue
+            if e.kind == EventKind.profile_destroy:
+                self._destroyed = True
+            elif e.kind not in _LIFE_CYCLE and e.ts_ns >= self._new_profiles.get(e.profile, 1 << 64):
+                if e.kind in _OPS_WITH_CALLBACKS:
+                    self._first_op_t = min(self._first_op_t or e.ts_ns, e.ts_ns)
+                self._held.append(e)
+                continue
+            self.decoder.event(e)
 
     def poll(self, timeout_ms: int) -> None:
         """Read what the kernel has buffered, waiting up to ``timeout_ms`` for the first event."""
-        self.bpf.perf_buffer_poll(timeout=timeout_ms)
+        self._read_buffers(timeout_ms)
         if self._rescan:
             self._rescan = False
             self.attach_late_drivers()
@@ -266,7 +286,7 @@ class Recorder:
                 attached_now = True
         if attached_now:
             attached_t = time.monotonic_ns()
-            self.bpf.perf_buffer_poll(timeout=0)  # what happened before the attach is buffered by now
+            self._read_buffers(0)  # what happened before the attach is buffered by now
             if self._first_op_t is not None and self._first_op_t < attached_t:
                 # the new profiles were used before their driver's callbacks were probed
                 self._drop_held_before(attached_t)
@@ -314,7 +334,7 @@ class Recorder:
         """Drain, close the readers, detach every probe and flush the file. Idempotent."""
         try:
             if self.bpf is not None and self._events is not None:
-                self.bpf.perf_buffer_poll(timeout=0)  # drain what is already buffered
+                self._read_buffers(0)  # drain what is already buffered
                 if self._held and self._rescan:  # a profile appeared since the last look at the drivers
                     self._rescan = False
                     self.attach_late_drivers()
@@ -359,6 +379,7 @@ class Recorder:
 
 # the operations inside which a driver's callbacks run
 _OPS_WITH_CALLBACKS = (EventKind.get_call, EventKind.evict_call, EventKind.reprogram_call)
+_LIFE_CYCLE = (EventKind.profile_init, EventKind.profile_register, EventKind.profile_destroy)
 
 
 def _gone_kprobes() -> set[str] | None:

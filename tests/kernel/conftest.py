@@ -31,3 +31,9 @@ def fresh_out(name: str) -> Path:
     for f in out.iterdir():
         f.unlink()
     return out
+
+
+def read_log(path: Path) -> str:
+    """A tool's stderr log. libbcc's `modprobe kheaders` shell sometimes prints bytes
+    that are not UTF-8 there."""
+    return path.read_text(errors="replace")

@@ -36,10 +36,10 @@ def wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float) -> st
     t0 = time.monotonic()
     while text not in log.read_text(errors="replace"):
         if proc.poll() is not None:
-            return f"exited ({proc.returncode}) before it was ready:\n{log.read_text(errors="replace")}"
+            return f"exited ({proc.returncode}) before it was ready:\n{log.read_text(errors='replace')}"
         if time.monotonic() - t0 > timeout:
             proc.kill()
-            return f"not ready after {timeout} s:\n{log.read_text(errors="replace")}"
+            return f"not ready after {timeout} s:\n{log.read_text(errors='replace')}"
         time.sleep(0.5)
     return None
 

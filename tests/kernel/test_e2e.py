@@ -19,7 +19,7 @@ import pytest
 from replay.checker import Verdict, check
 from replay.trace import read_trace
 from tests.conftest import assert_mutation_caught
-from tests.kernel.conftest import fresh_out
+from tests.kernel.conftest import fresh_out, read_log
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "vm"))
@@ -68,7 +68,7 @@ def in_window(trace, run, scenario, kind, profile):
 
 
 def test_doctor_passes_in_the_vm(boot):
-    assert boot["run"]["doctor_rc"] == 0, (boot["out"] / "doctor.txt").read_text()
+    assert boot["run"]["doctor_rc"] == 0, read_log(boot["out"] / "doctor.txt")
 
 
 def test_trace_replays_agree(boot):
@@ -142,5 +142,5 @@ def test_no_kernel_pointer_leaves_the_tracer(boot):
 
 def test_record_stopped_cleanly(boot):
     assert boot["run"]["record_rc"] == 0
-    log = (boot["out"] / "record.log").read_text()
+    log = read_log(boot["out"] / "record.log")
     assert "attached get" in log and "Traceback" not in log

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "vm"))
 from vm import run_in_vm  # noqa: E402
 
-from tests.kernel.conftest import fresh_out  # noqa: E402
+from tests.kernel.conftest import fresh_out, read_log  # noqa: E402
 
 pytestmark = pytest.mark.vm
 
@@ -55,7 +55,7 @@ def live_run(kernel) -> dict:
            f"--scenario {SCENARIO} --interval 1 --count {COUNT}")
     r = run_in_vm(cmd, kernel=kernel, timeout=1800, cmdline=[f"blk_crypto_fallback.num_keyslots={SLOTS}"],
                   rwdirs=[out], memory="2G", cpus=2)
-    logs = "".join(f"\n--- {n}:\n{(out / n).read_text()[-3000:]}" for n in ("record.log", "top.log")
+    logs = "".join(f"\n--- {n}:\n{read_log(out / n)[-3000:]}" for n in ("record.log", "top.log")
                    if (out / n).exists())
     assert r.returncode == 0, f"guest run failed ({r.returncode}):\n{r.stderr[-4000:]}\n{r.stdout[-2000:]}{logs}"
     return {"out": out, "run": json.loads((out / "run.json").read_text()),
@@ -77,7 +77,7 @@ def test_top_reports_intervals_of_one_second_until_sigterm(live_run):
     assert all(x["interval_s"] == 1.0 and x["end_ns"] - x["start_ns"] == 1_000_000_000 for x in lines[:-1])
     assert 0 < lines[-1]["interval_s"] <= 1.0
     assert all(a["end_ns"] == b["start_ns"] for a, b in zip(lines, lines[1:]))
-    log = (live_run["out"] / "top.log").read_text()
+    log = read_log(live_run["out"] / "top.log")
     assert "attached get" in log and "Traceback" not in log
 
 
@@ -121,7 +121,7 @@ def test_in_kernel_top_stops_after_count_intervals_back_to_back(live_run):
     assert late[0] >= 1.0 and late[len(late) // 2] < 1.05, late
     assert all(x["end_ns"] <= x["read_end_ns"] < x["end_ns"] + 100_000_000 for x in klines), \
         [x["read_end_ns"] - x["end_ns"] for x in klines]
-    log = (live_run["out"] / "topk.log").read_text()
+    log = read_log(live_run["out"] / "topk.log")
     assert "counting in the kernel" in log and "Traceback" not in log
 
 
