@@ -281,8 +281,9 @@ def top(ctx: click.Context, trace_path: str | None, output: str | None, disk: st
     Per profile: each slot's key, refcount, LRU rank, programs and last program
     latency, as the kernel reports them. Live, the kernel counts gets, puts and
     programs in BPF maps and only rare events (evicts, failures, disks coming
-    and going) reach user space, unless --every-event or -o. INTERVAL (seconds, default 1) is the
-    rate window: wall-clock seconds live, seconds of trace time with --from.
+    and going) reach user space, unless --every-event or -o. INTERVAL (seconds,
+    default 1) is the rate window: wall-clock seconds live, seconds of trace
+    time with --from.
     When stdout is not a terminal, one plain block (or --json line) is printed
     per INTERVAL. COUNT stops after that many intervals; live, Ctrl-C or
     SIGTERM also stops (after printing the interval in progress). Exit status:
