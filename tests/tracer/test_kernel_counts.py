@@ -142,3 +142,15 @@ def test_after_the_detach_the_last_reading_ends_the_last_interval_once():
     assert (iv.end, iv.read_end, iv.total.gets) == (*final.read_ns, 9)
     clock.t += 1_000_000_000
     assert agg.advance_to(0) == []  # no newer reading: no empty interval after it
+
+
+def test_the_screen_says_why_the_event_log_has_no_gets():
+    from rich.console import Console
+
+    from tracer.tui.render import View, render
+
+    agg, _ = make([KernelCounts({FB: counters(2, gets=5)}, {}, {})] * 2)
+    console = Console(width=160, height=48, record=True, file=open("/dev/null", "w"))
+    console.print(render(agg.snapshot(), 160, 48, View(live=True)))
+    screen = console.export_text()
+    assert "counted in the kernel, not listed" in screen and "blk-crypto-fallback" in screen

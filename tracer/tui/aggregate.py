@@ -189,6 +189,7 @@ class Snapshot:
     log: tuple[Event, ...]
     t0: int  # first event's time (the log shows times relative to it)
     finished: bool = False
+    log_title: str = "events (latest last)"
 
     def rate(self, name: str) -> float | None:
         return getattr(self.window, name) / self.window_s if self.window_s > 0 else None
@@ -199,6 +200,7 @@ class Snapshot:
 
 class Aggregator:
     redraw_s = math.inf  # the screen redraws when events arrive; KernelAggregator also every redraw_s
+    log_title = "events (latest last)"
 
     def __init__(self, header: Header, source: str = "", interval_ns: int = 1_000_000_000, log_size: int = 200):
         self.header, self.source, self.interval_ns = header, source, interval_ns
@@ -459,6 +461,7 @@ class Aggregator:
             totals=sum((p.counts for p in profiles), Counts()),
             window=sum((p.window for p in profiles), Counts()), window_s=window_s,
             profiles=profiles, log=tuple(self.log), t0=self.t_first or 0, finished=finished,
+            log_title=self.log_title,
         )
 
 

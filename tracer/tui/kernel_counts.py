@@ -59,6 +59,7 @@ class KernelAggregator(Aggregator):
     (and ``only_device``) decide which profiles are shown."""
 
     redraw_s = 0.25  # the counters change without events arriving: the screen reads them 4 times a second
+    log_title = "events (latest last; gets, puts and programs are counted in the kernel, not listed)"
 
     def __init__(self, header: Header, source: str, interval_ns: int, read: Callable[[], KernelCounts],
                  decoder: Decoder, clock: Callable[[], int] = time.monotonic_ns):

@@ -232,7 +232,7 @@ def _log(snap: Snapshot, shown: list[ProfileView], height: int) -> RenderableTyp
     ids = {p.id for p in shown}
     names = {p.id: p.device or p.id for p in snap.profiles}
     events = [e for e in snap.log if e.profile is None or e.profile in ids][-(height - 1):] if height > 1 else []
-    lines = [Text("events (latest last)", style="bold")]
+    lines = [Text(snap.log_title, style="bold", no_wrap=True, overflow="ellipsis")]
     for e in events:
         lines.append(Text(describe(e, snap.t0, names), style=_event_style(e), no_wrap=True, overflow="ellipsis"))
     return Group(*lines)
