@@ -65,7 +65,7 @@ struct frame {
 	u64 profile;
 	u64 key;
 	u64 ptr;  /* get: slot_ptr */
-	u64 t;    /* entry time */
+	u64 t;    /* entry time (KS_AGGREGATE only) */
 	s32 slot;
 	u32 num_slots;
 	u32 kind; /* the *_CALL kind */
@@ -214,8 +214,9 @@ static __always_inline struct frame *caller_frame(void)
 }
 
 /* at entry, before the frame is pushed */
-static __always_inline void aggregate_entry(struct frame *f, u64 now)
+static __always_inline void aggregate_entry(struct frame *f)
 {
+	u64 now = f->t = bpf_ktime_get_ns();
 	if (f->kind == KS_GET_CALL && f->num_slots) {
 		f->full_at_call = idle_list_empty(f->profile);
 	} else if (f->kind == KS_PROGRAM_CALL) {
@@ -233,8 +234,9 @@ static __always_inline void aggregate_entry(struct frame *f, u64 now)
 }
 
 /* at return, with the entry's frame (get: f->slot is the slot it returned) */
-static __always_inline void aggregate_return(struct frame *f, s32 rc, u64 now)
+static __always_inline void aggregate_return(struct frame *f, s32 rc)
 {
+	u64 now = bpf_ktime_get_ns();
 	struct ks_counters *c = counters(f);
 	struct ks_slot_state *s;
 	if (!c)
@@ -301,8 +303,9 @@ static __always_inline void aggregate_init(struct frame *f)
 	}
 }
 #else
-static __always_inline void aggregate_entry(struct frame *f, u64 now) {}
-static __always_inline void aggregate_return(struct frame *f, s32 rc, u64 now) {}
+/* without aggregation, no extra work (not even reading the clock) on the traced path */
+static __always_inline void aggregate_entry(struct frame *f) {}
+static __always_inline void aggregate_return(struct frame *f, s32 rc) {}
 static __always_inline void aggregate_init(struct frame *f) {}
 #endif
 
@@ -312,8 +315,7 @@ static __always_inline int op_entry(void *ctx, u32 kind, u64 profile, u64 key, u
 	struct frame f = {.profile = profile, .key = key, .ptr = ptr, .slot = slot, .kind = kind};
 	if (profile)
 		f.num_slots = profile_num_slots(profile);
-	f.t = bpf_ktime_get_ns();
-	aggregate_entry(&f, f.t);
+	aggregate_entry(&f);
 	push(&f);
 	emit(ctx, kind, &f, 0);
 	return 0;
@@ -324,7 +326,7 @@ static __always_inline int op_return(void *ctx, u32 kind, s32 rc)
 	struct frame f;
 	if (!pop(&f))
 		return 0;
-	aggregate_return(&f, rc, bpf_ktime_get_ns());
+	aggregate_return(&f, rc);
 	emit(ctx, kind, &f, rc);
 	return 0;
 }
@@ -343,7 +345,7 @@ static __always_inline int get_exit(void *ctx, u8 status)
 		return 0;
 	bpf_probe_read_kernel(&slot, sizeof(slot), (void *)f.ptr);
 	f.slot = slot_index(f.profile, slot);
-	aggregate_return(&f, status, bpf_ktime_get_ns());
+	aggregate_return(&f, status);
 	emit(ctx, KS_GET_RETURN, &f, status);
 	return 0;
 }
