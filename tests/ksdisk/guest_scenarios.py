@@ -381,6 +381,15 @@ def new_wrep(name, fs, a):
     return wl.base_report(name, a, fs, None, a.io)
 
 
+def run_on_fs(name, workload, a, dev=DEV, scan=True):
+    """One tests/kernel/workload.py scenario on a fresh ext4 on ``dev``; returns its report."""
+    with BlockFS(dev) as fs:
+        rep = new_wrep(name, fs, a)
+        workload(a, fs, rep)
+        finish_fs(fs, rep, scan)
+    return rep
+
+
 def finish_fs(fs, rep, scan=True):
     rep["keys_added"], rep["keys_removed"] = fs.keys_added, fs.keys_removed
     rep["removals"] = fs.removals
@@ -426,10 +435,7 @@ def common_native_checks(ctx, d, pc, expect_slots=True):
 def sc_native_lru(ctx):
     a = wargs(ctx.args, files=ctx.args.files or 12, dirs=3)
     s0 = read_stats()
-    with BlockFS(DEV) as fs:
-        rep = new_wrep("lru-churn", fs, a)
-        wl.sc_lru_churn(a, fs, rep)
-        finish_fs(fs, rep)
+    rep = run_on_fs("lru-churn", wl.sc_lru_churn, a)
     d = stats_delta(s0, read_stats())
     pc = ctx.probe_counts()
     common_native_checks(ctx, d, pc)
@@ -454,10 +460,7 @@ def sc_late_attach(ctx):
     parts = []
     for part in ("before-attach", "after-attach"):
         a = wargs(ctx.args, files=4, dirs=2)
-        with BlockFS(DEV) as fs:
-            rep = new_wrep("lru-churn", fs, a)
-            wl.sc_lru_churn(a, fs, rep)
-            finish_fs(fs, rep, scan=False)
+        rep = run_on_fs("lru-churn", wl.sc_lru_churn, a, scan=False)
         parts.append(rep)
         if part == "before-attach":
             os.kill(pid, signal.SIGCONT)
@@ -472,10 +475,7 @@ def sc_contention(ctx):
     a = wargs(ctx.args, threads=ctx.args.threads or 3, rounds=ctx.args.rounds or 4,
               file_size=128 * 1024, io="direct")
     s0 = read_stats()
-    with BlockFS(DEV) as fs:
-        rep = new_wrep("waits", fs, a)
-        wl.sc_waits(a, fs, rep)
-        finish_fs(fs, rep)
+    rep = run_on_fs("waits", wl.sc_waits, a)
     d = stats_delta(s0, read_stats())
     pc = ctx.probe_counts()
     common_native_checks(ctx, d, pc)
@@ -494,10 +494,7 @@ def sc_deep_queue(ctx):
     a = wargs(ctx.args, threads=ctx.args.threads or 4, rounds=ctx.args.rounds or 3,
               io="direct", chunk=1 << 20, shared_size=1 << 20)
     s0 = read_stats()
-    with BlockFS(DEV) as fs:
-        rep = new_wrep("shared-read", fs, a)
-        wl.sc_shared_read(a, fs, rep)
-        finish_fs(fs, rep)
+    rep = run_on_fs("shared-read", wl.sc_shared_read, a)
     st = read_stats()
     d = stats_delta(s0, st)
     pc = ctx.probe_counts()
@@ -632,10 +629,7 @@ def sc_evict_failure(ctx):
     set_param("fail_evict", 1)
     s0 = read_stats()
     try:
-        with BlockFS(DEV) as fs:
-            rep = new_wrep("lru-churn", fs, a)
-            wl.sc_lru_churn(a, fs, rep)
-            finish_fs(fs, rep)
+        rep = run_on_fs("lru-churn", wl.sc_lru_churn, a)
     finally:
         set_param("fail_evict", 0)
     d = stats_delta(s0, read_stats())
@@ -696,10 +690,7 @@ def _dm_round(ctx, name, table):
         cs = crypto_sysfs(dm.blockname)
         ctx.check("%s: dm has a passthrough crypto profile (num_keyslots 0)" % name,
                   cs.get("present") and cs.get("num_keyslots") == 0, cs)
-        with BlockFS(dm.path) as fs:
-            rep = new_wrep("lru-churn", fs, a)
-            wl.sc_lru_churn(a, fs, rep)
-            finish_fs(fs, rep)
+        rep = run_on_fs("lru-churn", wl.sc_lru_churn, a, dev=dm.path)
     d = stats_delta(s0, read_stats())
     p1 = ctx.probe_counts()
     pc = {k: p1[k] - p0[k] for k in p1} if p1 else None
@@ -735,10 +726,7 @@ def sc_dm_passthrough(ctx):
 def sc_passthrough_disk(ctx):
     a = wargs(ctx.args, files=ctx.args.files or 8, dirs=2)
     s0 = read_stats()
-    with BlockFS(DEV) as fs:
-        rep = new_wrep("lru-churn", fs, a)
-        wl.sc_lru_churn(a, fs, rep)
-        finish_fs(fs, rep)
+    rep = run_on_fs("lru-churn", wl.sc_lru_churn, a)
     d = stats_delta(s0, read_stats())
     pc = ctx.probe_counts()
     common_native_checks(ctx, d, pc, expect_slots=False)
