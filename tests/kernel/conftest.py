@@ -21,6 +21,15 @@ def kernel() -> Path:
     return image
 
 
+@pytest.fixture(scope="session")
+def installed_tool() -> Path:
+    """The `keyslot-trace` command the guests run: this working tree's wheel installed
+    (not editable) into a venv of Debian's python3, outside the checkout."""
+    from tests.packaging import installed_for_guest
+
+    return installed_for_guest()
+
+
 def fresh_out(name: str) -> Path:
     """An empty directory for a guest's results. The guest sees the host's root read-only
     except rwdirs, and /tmp inside is an overlay: so it lives in the cache, wherever the

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-TOOL = [sys.executable, "-m", "tracer.cli"]
 
 
 def main() -> int:
@@ -30,22 +29,27 @@ def main() -> int:
     ap.add_argument("--scenario", action="append", required=True)
     ap.add_argument("--ko", help="ksdisk.ko: run tests/ksdisk/guest_scenarios.py scenarios")
     ap.add_argument("--record-arg", action="append", default=[], help="extra argument for record")
+    ap.add_argument("--tool", required=True,
+                    help="the installed keyslot-trace command (a wheel in a venv: tests/packaging.py)")
     args = ap.parse_args()
     out: Path = args.out
+    tool = [args.tool]
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # the installed command, run from outside the checkout: no PYTHONPATH, cwd = OUT
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    os.chdir(out)
     # ksdisk is loaded by each scenario, after record started: record attaches to its
     # callbacks when its profile appears, which takes a moment under emulation.
     scenario_env = {**os.environ, "KSDISK_SETTLE_S": "5"}
     run: dict = {"scenarios": {}}
 
-    doctor = subprocess.run(TOOL + ["doctor"], env=env, capture_output=True, text=True)
+    doctor = subprocess.run(tool + ["doctor"], env=env, capture_output=True, text=True)
     (out / "doctor.txt").write_text(doctor.stdout + doctor.stderr)
     run["doctor_rc"] = doctor.returncode
 
     log = open(out / "record.log", "w")
     t0 = time.monotonic()
-    rec = subprocess.Popen(TOOL + ["record", "-o", str(out / "trace.ndjson"), *args.record_arg], env=env,
+    rec = subprocess.Popen(tool + ["record", "-o", str(out / "trace.ndjson"), *args.record_arg], env=env,
                            stderr=log, stdout=log)
     while "recording to" not in (out / "record.log").read_text(errors="replace"):
         if rec.poll() is not None:

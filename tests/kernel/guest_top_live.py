@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-TOOL = [sys.executable, "-m", "tracer.cli"]
 
 
 def wait_for(proc: subprocess.Popen, log: Path, text: str, timeout: float) -> str | None:
@@ -50,9 +49,14 @@ def main() -> int:
     ap.add_argument("--scenario", required=True)
     ap.add_argument("--interval", default="1")
     ap.add_argument("--count", type=int, required=True)
+    ap.add_argument("--tool", required=True,
+                    help="the installed keyslot-trace command (a wheel in a venv: tests/packaging.py)")
     args = ap.parse_args()
     out: Path = args.out
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    tool = [args.tool]
+    # the installed command, run from outside the checkout: no PYTHONPATH, cwd = OUT
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    os.chdir(out)
     run: dict = {}
 
     def fail(message: str) -> int:
@@ -62,7 +66,7 @@ def main() -> int:
 
     rec_log = open(out / "record.log", "w")
     t0 = time.monotonic()
-    rec = subprocess.Popen(TOOL + ["record", "-o", str(out / "trace.ndjson")], env=env, stdout=rec_log,
+    rec = subprocess.Popen(tool + ["record", "-o", str(out / "trace.ndjson")], env=env, stdout=rec_log,
                            stderr=rec_log)
     if (err := wait_for(rec, out / "record.log", "recording to", 900)):
         return fail("record " + err)
@@ -72,7 +76,7 @@ def main() -> int:
     for name, extra in (("top", ["-o", str(out / "top.ndjson"), args.interval]),
                         ("topk", [args.interval, str(args.count)])):
         t0 = time.monotonic()
-        tops[name] = subprocess.Popen(TOOL + ["top", "--json", *extra], env=env,
+        tops[name] = subprocess.Popen(tool + ["top", "--json", *extra], env=env,
                                       stdout=open(out / f"{name}.jsonl", "w"), stderr=open(out / f"{name}.log", "w"),
                                       stdin=subprocess.DEVNULL)
         if (err := wait_for(tops[name], out / f"{name}.log", "watching", 900)):

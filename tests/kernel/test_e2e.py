@@ -35,12 +35,11 @@ BOOTS = {
 
 
 @pytest.fixture(scope="session", params=list(BOOTS))
-def boot(request, kernel, tmp_path_factory):
+def boot(request, kernel, installed_tool):
     """One VM boot: record while the boot's scenarios run. Returns the output dir."""
     slots, scenarios = BOOTS[request.param]
     out = fresh_out(request.param)
-    python = ROOT / ".venv" / "bin" / "python"
-    cmd = (f"{python} {ROOT / 'tests/kernel/guest_run.py'} "
+    cmd = (f"{sys.executable} {ROOT / 'tests/kernel/guest_run.py'} --tool {installed_tool} "
            f"--out {out} " + " ".join(f"--scenario {s}" for s in scenarios))
     r = run_in_vm(cmd, kernel=kernel, timeout=1800, cmdline=[f"blk_crypto_fallback.num_keyslots={slots}"],
                   rwdirs=[out], memory="2G", cpus=2)

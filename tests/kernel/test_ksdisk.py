@@ -39,9 +39,9 @@ def ksdisk(kernel):
 
 
 @pytest.fixture(scope="session")
-def run(kernel, ksdisk):
+def run(kernel, ksdisk, installed_tool):
     out = fresh_out("ksdisk")
-    cmd = (f"{ROOT / '.venv/bin/python'} {ROOT / 'tests/kernel/guest_run.py'} --out {out} --ko {ksdisk} "
+    cmd = (f"{sys.executable} {ROOT / 'tests/kernel/guest_run.py'} --tool {installed_tool} --out {out} --ko {ksdisk} "
            + " ".join(f"--scenario {s}" for s in SCENARIOS))
     # a module bug that oopses must end the run at once, not hang it until the timeout
     r = run_in_vm(cmd, kernel=kernel, timeout=2400, rwdirs=[out], memory="2G", cpus=2,

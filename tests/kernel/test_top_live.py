@@ -49,9 +49,9 @@ MARGIN_NS = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def live_run(kernel) -> dict:
+def live_run(kernel, installed_tool) -> dict:
     out = fresh_out("top-live")
-    cmd = (f"{ROOT / '.venv/bin/python'} {ROOT / 'tests/kernel/guest_top_live.py'} --out {out} "
+    cmd = (f"{sys.executable} {ROOT / 'tests/kernel/guest_top_live.py'} --tool {installed_tool} --out {out} "
            f"--scenario {SCENARIO} --interval 1 --count {COUNT}")
     r = run_in_vm(cmd, kernel=kernel, timeout=1800, cmdline=[f"blk_crypto_fallback.num_keyslots={SLOTS}"],
                   rwdirs=[out], memory="2G", cpus=2)

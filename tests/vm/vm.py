@@ -17,8 +17,8 @@ read-write with the guest (--rwdir). The host reads those files after QEMU exits
 
 Always software emulation (--disable-kvm): KVM aborts on the test machines.
 Standard library only; works with any python3 >= 3.8 (the vng tool itself may live in
-another environment: it is looked up as $KEYSLOT_TRACE_VNG, then `vng` on PATH, then next
-to sys.executable).
+another environment: it is looked up as $KEYSLOT_TRACE_VNG, then next to sys.executable,
+then `vng` on PATH; its directory goes first on the PATH vng runs with).
 """
 from __future__ import annotations
 
@@ -78,14 +78,22 @@ def find_vng() -> str:
     cand = os.environ.get("KEYSLOT_TRACE_VNG")
     if cand:
         return cand
+    local = Path(sys.executable).parent / "vng"  # the venv running the tests installed it
+    if local.exists():
+        return str(local)
     found = shutil.which("vng")
     if found:
         return found
-    local = Path(sys.executable).parent / "vng"
-    if local.exists():
-        return str(local)
     raise VMError("virtme-ng not found: `pip install virtme-ng` (1.42 is known to work) "
                   "or set KEYSLOT_TRACE_VNG=/path/to/vng")
+
+
+def vng_env(vng: str) -> dict[str, str]:
+    """vng runs its helpers (virtme-run, virtme-ng-init) through the shell's PATH: put
+    the directory vng lives in first, so a venv's vng finds its own virtme-run even
+    when that venv's bin is not on PATH (it never is on a fresh machine)."""
+    path = os.environ.get("PATH") or "/usr/sbin:/usr/bin:/sbin:/bin"
+    return {**os.environ, "PATH": os.pathsep.join([str(Path(vng).absolute().parent), path])}
 
 
 _WRAPPER = """\
@@ -167,7 +175,7 @@ def run_in_vm(
         timed_out = False
         with open(console_path, "wb") as console_f:
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=console_f,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True, env=vng_env(vng))
             try:
                 while True:
                     try:
