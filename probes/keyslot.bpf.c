@@ -7,7 +7,7 @@
  *   get     blk_crypto_get_keyslot (5.16+) / blk_ksm_get_slot_for_key (5.8-5.15)
  *   put     blk_crypto_put_keyslot          / blk_ksm_put_slot
  *   evict   __blk_crypto_evict_key          / blk_ksm_evict_key
- *   reprogram_all, profile init/destroy/register,
+ *   reprogram_all, profile init/destroy/register, device_add_disk (names),
  *   and the drivers' keyslot_program / keyslot_evict callbacks.
  *
  * Every event carries the kernel's own view: the slot index comes from the
@@ -36,9 +36,11 @@
 #ifdef KS_GEN_BLK_KSM
 #include <linux/keyslot-manager.h>
 #define PROFILE struct blk_keyslot_manager
+#define Q_PROFILE ksm /* request_queue's profile field */
 #else
 #include <linux/blk-crypto-profile.h>
 #define PROFILE struct blk_crypto_profile
+#define Q_PROFILE crypto_profile
 #endif
 #include "keyslot_events.h"
 
@@ -477,6 +479,38 @@ int register_entry(struct pt_regs *ctx, PROFILE *profile, struct request_queue *
 }
 
 /*
+ * A disk with a crypto profile is added: name the profile. Drivers register
+ * their profile on the queue before the disk exists (SCSI/UFS: at slave_alloc,
+ * long before sd names the disk; every driver on 5.8-5.14, where the queue has
+ * no disk pointer), so the registration often cannot say whose it is; by
+ * device_add_disk(parent, disk, groups) the name is set. Sent as a
+ * PROFILE_REGISTER with the name; one per disk, off the I/O path.
+ */
+static __always_inline int disk_add_enter(void *ctx, struct gendisk *disk)
+{
+	struct request_queue *q = NULL;
+	PROFILE *profile = NULL;
+	struct ks_event e = {};
+	bpf_probe_read_kernel(&q, sizeof(q), &disk->queue);
+	if (!q)
+		return 0;
+	bpf_probe_read_kernel(&profile, sizeof(profile), &q->Q_PROFILE);
+	if (!profile)
+		return 0; /* no inline encryption on this disk */
+	e.ts_ns = bpf_ktime_get_ns();
+	e.kind = KS_PROFILE_REGISTER;
+	e.profile = (u64)profile;
+	e.cpu = bpf_get_smp_processor_id();
+	e.tid = (u32)bpf_get_current_pid_tgid();
+	e.slot = KS_NO_SLOT;
+	bpf_probe_read_kernel_str(e.name, sizeof(e.name), disk->disk_name);
+	events.perf_submit(ctx, &e, sizeof(e));
+	return 0;
+}
+
+int disk_add_entry(struct pt_regs *ctx, void *parent, struct gendisk *disk) { return disk_add_enter(ctx, disk); }
+
+/*
  * fentry/fexit variants (BTF trampolines), with the same bodies. Arguments and
  * return values are read with bpf_get_func_arg/ret (5.17+), not from the typed
  * context: the verifier treats typed pointers as BTF objects (no arithmetic on
@@ -530,3 +564,4 @@ static __always_inline s32 ks_ret(void *ctx)
 #define KS_FENTRY_destroy_entry(sym) KFUNC_PROBE(sym) { return destroy_enter(ctx, (PROFILE *)ks_arg(ctx, 0)); }
 #define KS_FENTRY_register_entry(sym) KFUNC_PROBE(sym) \
 	{ return register_enter(ctx, (PROFILE *)ks_arg(ctx, 0), (struct request_queue *)ks_arg(ctx, 1)); }
+#define KS_FENTRY_disk_add_entry(sym) KFUNC_PROBE(sym) { return disk_add_enter(ctx, (struct gendisk *)ks_arg(ctx, 1)); }

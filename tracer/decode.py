@@ -84,15 +84,20 @@ class Decoder:
             self._write(e, kind, pid, num_slots=e.aux, **({"device": device} if device else {}))
             return
         if kind is EventKind.profile_register:
+            # Sent by the profile's registration (which cannot always name the disk:
+            # it may not exist yet) and when its disk is added: only a name that is
+            # new says something.
             name = e.name.decode(errors="replace")
-            if e.profile in self.profiles and name:
-                self.profiles[e.profile]["device"] = name
+            known = self.profiles.get(e.profile)
+            if not name or (known is not None and known.get("device") == name):
+                return
+            if known is not None:
+                known["device"] = name
             held = self._held.pop(e.profile, [])
             if name in (self.only_device, FALLBACK_DEVICE):
                 for record in held:
                     self._out(record)
-            if name:
-                self._write(e, kind, pid, device=name)
+            self._write(e, kind, pid, device=name)
             return
         if kind in _FIRST_SIGHT and e.profile not in self.profiles:
             # A profile from before the recording started: say what it is

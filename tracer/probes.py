@@ -54,7 +54,7 @@ EVICT_CALLBACKS = (
 )
 
 
-def _plan(get, put, evict, reprogram, init, init_pt, destroy, register) -> tuple[ProbeSpec, ...]:
+def _plan(get, put, evict, reprogram, init, init_pt, destroy, register, disk_add) -> tuple[ProbeSpec, ...]:
     return (
         ProbeSpec("get", "get_entry", "get_return", get, required=True, maxactive=512),
         ProbeSpec("put", "put_entry", "put_return", put, required=True, maxactive=64),
@@ -65,6 +65,7 @@ def _plan(get, put, evict, reprogram, init, init_pt, destroy, register) -> tuple
                   maxactive=16),
         ProbeSpec("profile_destroy", "destroy_entry", None, destroy),
         ProbeSpec("profile_register", "register_entry", None, register),
+        ProbeSpec("disk name", "disk_add_entry", None, disk_add),
         ProbeSpec("driver program", "program_entry", "program_return", PROGRAM_CALLBACKS, every_match=True,
                   maxactive=64),
         ProbeSpec("driver evict", "drv_evict_entry", "drv_evict_return", EVICT_CALLBACKS, every_match=True,
@@ -78,12 +79,14 @@ GENERATIONS = {
     "blk_crypto": _plan(
         ("blk_crypto_get_keyslot",), ("blk_crypto_put_keyslot",), ("__blk_crypto_evict_key",),
         ("blk_crypto_reprogram_all_keys",), ("blk_crypto_profile_init",), (),
-        ("blk_crypto_profile_destroy",), ("blk_crypto_register",),
+        ("blk_crypto_profile_destroy",), ("blk_crypto_register",), ("device_add_disk",),
     ),
     "blk_ksm": _plan(
         ("blk_ksm_get_slot_for_key",), ("blk_ksm_put_slot",), ("blk_ksm_evict_key",),
         ("blk_ksm_reprogram_all_keys",), ("blk_ksm_init",), ("blk_ksm_init_passthrough",),
-        ("blk_ksm_destroy",), ("blk_ksm_register",),
+        # blk_ksm_register(ksm, q) is not probed: before 5.15 a queue has no disk to
+        # name, so it would say nothing; device_add_disk names the profile instead.
+        ("blk_ksm_destroy",), (), ("device_add_disk",),
     ),
 }
 # The symbol that tells each generation apart (first match wins).

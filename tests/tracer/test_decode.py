@@ -69,3 +69,20 @@ def test_lost_marker_is_placed_after_the_last_event_of_its_cpu():
     d.lost(0, 3, start_t=1)
     d.lost(1, 2, start_t=1)  # nothing read from CPU 1 yet: the recording's start
     assert [(r["t"], r["count"]) for r in out if r["ev"] == "lost"] == [(50, 3), (1, 2)]
+
+
+def test_a_disk_named_only_when_it_is_added_keeps_its_profile_under_only_device():
+    """5.10 (and UFS on any kernel): the registration cannot name the disk, which does not
+    exist yet; device_add_disk names it later. The nameless registration must not drop the
+    profile's lines that wait for a name, and a repeated name is not written twice."""
+    disk = 0x1000
+    events = [
+        raw("profile_init", 1, profile=disk), raw("profile_register", 2, profile=disk, name=b""),
+        raw("profile_register", 3, profile=disk, name=b"ksdisk0"),
+        raw("profile_register", 4, profile=disk, name=b"ksdisk0"),
+        raw("get_call", 10, profile=disk, key=KEY),
+    ]
+    lines = decode(events, only_device="ksdisk0")
+    assert [(r["ev"], r.get("device")) for r in lines] == [
+        ("profile_init", None), ("profile_register", "ksdisk0"), ("get_call", None)]
+    assert decode(events, only_device="sda") == []
