@@ -210,7 +210,7 @@ def record(output: str, duration: float | None, disk: str | None, probe_type: st
       keyslot-trace replay trace.ndjson
     """
     from tracer.probes import ProbeError
-    from tracer.record import Recorder, bpf_source, check_privileges, describe, import_bcc, prepare
+    from tracer.record import Recorder, attach_report, bpf_source, check_privileges, import_bcc, prepare
 
     try:
         check_privileges()
@@ -221,13 +221,10 @@ def record(output: str, duration: float | None, disk: str | None, probe_type: st
         import_bcc()
         with open(output, "wb") as out:
             rec = Recorder(out, setup, disk=disk)
-            seconds = rec.attach()
-            for line in describe(setup.attachments):
+            *lines, summary = attach_report(rec, rec.attach())
+            for line in lines:
                 click.echo(line, err=True)
-            if rec.fentry_error:
-                click.echo(f"fentry failed ({rec.fentry_error}): using kprobes", err=True)
-            click.echo(f"{setup.generation} API, {setup.semantics} semantics, {setup.probe_type} probes; compiled and attached in "
-                       f"{seconds:.1f}s; recording to {output}" + ("" if duration else " (Ctrl-C to stop)"), err=True)
+            click.echo(f"{summary}; recording to {output}" + ("" if duration else " (Ctrl-C to stop)"), err=True)
             counts = rec.run(duration)
     except ProbeError as e:
         click.echo(f"keyslot-trace: {e}", err=True)
@@ -328,7 +325,7 @@ def _top_live(output: str | None, disk: str | None, every_event: bool, as_json: 
 
     from tracer import top as top_view
     from tracer.probes import ProbeError
-    from tracer.record import Recorder, check_privileges, describe, import_bcc, prepare
+    from tracer.record import Recorder, attach_report, check_privileges, import_bcc, prepare
 
     try:
         check_privileges()
@@ -343,12 +340,11 @@ def _top_live(output: str | None, disk: str | None, every_event: bool, as_json: 
             except BaseException:
                 rec.detach()
                 raise
-            for line in describe(setup.attachments):
+            *lines, summary = attach_report(rec, seconds)
+            for line in lines:
                 click.echo(line, err=True)
             how = "every event" if every_event else "counting in the kernel"
-            click.echo(f"{setup.generation} API, {setup.semantics} semantics; compiled and attached in "
-                       f"{seconds:.1f}s; watching ({how})" + (f", recording to {output}" if output else ""),
-                       err=True)
+            click.echo(f"{summary}; watching ({how})" + (f", recording to {output}" if output else ""), err=True)
             name = f"live -> {output}" if output else "live" if every_event else "live (in-kernel counts)"
             status = top_view.run_live(rec, as_json=as_json, interval_s=interval, count=count, name=name)
     except ProbeError as e:

@@ -53,6 +53,7 @@ class Setup:
     attachments: list[Attachment]
     cflags: list[str]
     probe_type: str = "kprobe"  # or "fentry"
+    kprobe_fallback: bool = True  # fentry that fails to load falls back to kprobes (--probe-type auto)
 
 
 def fentry_supported(ks: KernelSymbols) -> bool:
@@ -78,11 +79,13 @@ def prepare(ks: KernelSymbols | None = None, semantics: str | None = None, probe
         cflags.append("-DKS_GEN_BLK_KSM")
     else:
         cflags.append("-DKS_Q_HAS_DISK")  # request_queue->disk exists from 5.15
+    fallback = probe_type == "auto"
     if probe_type == "auto":
         probe_type = "fentry" if fentry_supported(ks) else "kprobe"
     elif probe_type == "fentry" and not fentry_supported(ks):
         raise ProbeError("fentry/fexit needs kernel BTF (/sys/kernel/btf/vmlinux) and BPF trampolines")
-    return Setup(generation, semantics or detect_semantics(ks, generation), attachments, cflags, probe_type)
+    return Setup(generation, semantics or detect_semantics(ks, generation), attachments, cflags, probe_type,
+                 kprobe_fallback=fallback)
 
 
 def bpf_source(setup: Setup | None = None) -> str:
@@ -102,6 +105,18 @@ def bpf_source(setup: Setup | None = None) -> str:
 def describe(attachments: list[Attachment]) -> list[str]:
     return [f"{'attached' if a.attached else 'skipped '} {a.spec.name:<24} {a.symbol}"
             + ("" if a.attached else f": {a.reason}") for a in attachments]
+
+
+def attach_report(rec: "Recorder", seconds: float) -> list[str]:
+    """What record and live top say once the probes are attached: each probe, the fentry
+    fallback if there was one, and a summary line (the caller completes it)."""
+    s = rec.setup
+    lines = describe(s.attachments)
+    if rec.fentry_error:
+        lines.append(f"fentry/fexit did not load ({rec.fentry_error}): using kprobes")
+    lines.append(f"{s.generation} API, {s.semantics} semantics, {s.probe_type} probes; compiled and attached in "
+                 f"{seconds:.1f}s")
+    return lines
 
 
 class Recorder:
@@ -141,7 +156,9 @@ class Recorder:
             kernel=platform.release(), api=self.setup.generation, semantics=self.setup.semantics,
             tool=f"keyslot-trace {__version__}", host=platform.node(),
             start_time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            extra={"probe_type": self.setup.probe_type, "probes": [{"name": a.spec.name, "symbol": a.symbol, "attached": a.attached,
+            extra={"probe_type": self.setup.probe_type,
+                   **({"fentry_error": self.fentry_error} if self.fentry_error else {}),
+                   "probes": [{"name": a.spec.name, "symbol": a.symbol, "attached": a.attached,
                                **({} if a.attached else {"reason": a.reason})} for a in self.setup.attachments]},
         )
 
@@ -151,13 +168,24 @@ class Recorder:
         t0 = time.monotonic()
         cflags = self.setup.cflags + (["-DKS_AGGREGATE"] if self.aggregate else [])
         if self.setup.probe_type == "fentry":
-            try:  # bcc attaches every fentry/fexit program at the end of loading
-                self.bpf = bcc.BPF(text=bpf_source(self.setup), cflags=cflags)
+            # libbpf prints the whole verifier log on stderr when a program does not load;
+            # when kprobes can take over, that is noise: keep it, and show only its gist.
+            with _captured_stderr(self.setup.kprobe_fallback) as log:
+                try:  # bcc attaches every fentry/fexit program at the end of loading
+                    self.bpf = bcc.BPF(text=bpf_source(self.setup), cflags=cflags)
+                except Exception as e:  # e.g. a symbol without BTF, or no bpf_get_func_arg before 5.17
+                    failed = e
+                else:
+                    failed = None
+            if failed is None:
+                os.write(2, log.text.encode())
                 self.attach_start_ns = time.monotonic_ns()
                 return time.monotonic() - t0
-            except Exception as e:
-                self.fentry_error = str(e)  # e.g. a symbol without BTF: fall back to kprobes
-                self.setup.probe_type = "kprobe"
+            if not self.setup.kprobe_fallback:
+                raise ProbeError(f"fentry/fexit programs failed to load ({failed}); --probe-type auto "
+                                 "falls back to kprobes") from None
+            self.fentry_error = _gist(log.text) or str(failed)
+            self.setup.probe_type = "kprobe"
         try:
             self.bpf = bcc.BPF(text=bpf_source(), cflags=cflags)
         except Exception as e:  # bcc raises bare Exception; clang's messages are already on stderr
@@ -380,6 +408,39 @@ class Recorder:
 # the operations inside which a driver's callbacks run
 _OPS_WITH_CALLBACKS = (EventKind.get_call, EventKind.evict_call, EventKind.reprogram_call)
 _LIFE_CYCLE = (EventKind.profile_init, EventKind.profile_register, EventKind.profile_destroy)
+
+
+class _captured_stderr:
+    """Redirect file descriptor 2 (where libbcc and libbpf write) to a temporary file
+    while active; ``text`` is what was written. Does nothing when ``enabled`` is false."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.text = enabled, ""
+
+    def __enter__(self):
+        if self.enabled:
+            import tempfile
+
+            self._file = tempfile.TemporaryFile()
+            self._saved = os.dup(2)
+            os.dup2(self._file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            self._file.seek(0)
+            self.text = self._file.read().decode(errors="replace")
+            self._file.close()
+        return False
+
+
+def _gist(log: str) -> str:
+    """The line of a libbpf/verifier log that says why: bcc's HINT if it gave one."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    hint = next((ln for ln in lines if ln.startswith("HINT:")), None)
+    return hint or next((ln for ln in reversed(lines) if "invalid" in ln or "failed" in ln.lower()), "")
 
 
 def _gone_kprobes() -> set[str] | None:

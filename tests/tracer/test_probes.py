@@ -18,6 +18,7 @@ ffffffff81400800 t blk_crypto_fallback_keyslot_program
 ffffffff81400900 t blk_crypto_fallback_keyslot_evict
 ffffffff81400a00 t blk_crypto_find_and_grab_keyslot.isra.0
 ffffffff81400b00 T __blk_crypto_rq_put_keyslot
+ffffffff81400c00 T device_add_disk
 ffffffff82000000 d blk_crypto_fallback_profile
 ffffffffc0001000 t ksdisk_keyslot_program\t[ksdisk]
 ffffffffc0001100 t ksdisk_keyslot_evict\t[ksdisk]
@@ -79,3 +80,51 @@ def test_fentry_mode_instantiates_one_pair_per_attached_symbol(monkeypatch):
             assert f"#define {line.split('(')[0]}(sym)" in text
     kprobes = prepare(KernelSymbols.parse(KALLSYMS_61, TRACEABLE), probe_type="kprobe")
     assert record.bpf_source(kprobes) == record.bpf_source()  # kprobe mode adds nothing
+
+
+# 5.10.262's names (the test kernel's kallsyms): blk_ksm_*, the fallback as blk_crypto_ksm
+# with its blk_crypto_keyslot_* callbacks, no blk_ksm_init_passthrough (5.12+), and the
+# May-2023 backport's __blk_crypto_rq_put_keyslot.
+KALLSYMS_510 = """\
+ffffffff81400000 T blk_ksm_get_slot_for_key
+ffffffff81400200 T blk_ksm_put_slot
+ffffffff81400300 T blk_ksm_evict_key
+ffffffff81400400 T blk_ksm_reprogram_all_keys
+ffffffff81400500 T blk_ksm_init
+ffffffff81400600 T blk_ksm_destroy
+ffffffff81400700 T blk_ksm_register
+ffffffff81400800 t blk_crypto_keyslot_program
+ffffffff81400900 t blk_crypto_keyslot_evict
+ffffffff81400a00 t blk_ksm_find_and_grab_keyslot.isra.0
+ffffffff81400b00 T __blk_crypto_rq_put_keyslot
+ffffffff81400c00 T device_add_disk
+ffffffff82000000 b blk_crypto_ksm
+"""
+
+
+def test_generation_semantics_and_plan_on_510():
+    traceable = "\n".join(l.split()[2] for l in KALLSYMS_510.splitlines() if " t " in l.lower())
+    ks = KernelSymbols.parse(KALLSYMS_510, traceable)
+    assert detect_generation(ks) == "blk_ksm"
+    assert detect_semantics(ks, "blk_ksm") == "mainline-unlink"
+    attachments = plan(ks, "blk_ksm")
+    attached = {(a.spec.name, a.symbol) for a in attachments if a.attached}
+    assert {("get", "blk_ksm_get_slot_for_key"), ("put", "blk_ksm_put_slot"), ("evict", "blk_ksm_evict_key"),
+            ("driver program", "blk_crypto_keyslot_program"), ("disk name", "device_add_disk")} <= attached
+    passthrough = next(a for a in attachments if a.spec.name == "profile_init_passthrough")
+    assert not passthrough.attached and passthrough.reason == "not in this kernel"
+    assert not any(a.spec.name == "profile_register" for a in attachments)  # nothing to name before 5.15
+    assert ks.fallback_address() == 0xFFFFFFFF82000000
+    setup = prepare(ks, probe_type="kprobe")
+    assert "-DKS_GEN_BLK_KSM" in setup.cflags and "-DKS_Q_HAS_DISK" not in setup.cflags
+
+
+def test_a_failed_fentry_load_is_summed_up_in_one_line():
+    """5.10's verifier refuses bpf_get_func_arg: record falls back to kprobes and says
+    why in one line (the header's fentry_error), not with the whole verifier log."""
+    from tracer.record import _gist
+
+    log = ("bpf: Failed to load program: Invalid argument\n6: (85) call unknown#183\ninvalid func unknown#183\n"
+           "processed 7 insns (limit 1000000)\n\nHINT: bpf_get_func_arg missing (added in Linux 5.17).\n\n")
+    assert _gist(log) == "HINT: bpf_get_func_arg missing (added in Linux 5.17)."
+    assert _gist(log.split("\n\nHINT")[0]) == "invalid func unknown#183"
