@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from replay import model
-from replay.history import CALL, DESTROY, INIT, RESYNC, RETURN, OpRecord, ProfileHistory, build
+from replay.history import CALL, INIT, RESYNC, RETURN, OpRecord, ProfileHistory, build
 from replay.trace import Trace
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import IO, Iterator
 
 from replay.model import EBUSY, ENOKEY, EIO, errno_to_blk_status
-from replay.trace import Header, ProfileInfo, TraceWriter
+from replay.trace import Header, TraceWriter
 
 #: bug kind -> what the buggy kernel does
 INJECTIONS = {

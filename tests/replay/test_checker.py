@@ -2,7 +2,6 @@
 
 import random
 
-import orjson
 import pytest
 
 from replay.checker import Verdict, check
