@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from replay import model
-from replay.history import CALL, INIT, RESYNC, RETURN, OpRecord, ProfileHistory, build
+from replay.history import CALL, INIT, RESYNC, RETURN, OpRecord, ProfileHistory, build, to_model_op
 from replay.trace import Trace
 
 
@@ -127,6 +127,19 @@ def check_profile(h: ProfileHistory, flavour: str, budget: int = DEFAULT_BUDGET,
     configs: set[tuple] = {(start, frozenset())}
     inflight: dict[int, OpRecord] = {}
     done = 0
+    lenient_until = -1  # end of the loss windows seen so far: a divergence inside one is a resync
+
+    def resync_in_window() -> None:
+        """A divergence inside a loss window: the missing events may explain it. The
+        state is unknown from here, and the operations in flight may miss events too."""
+        nonlocal configs
+        res.resyncs += 1
+        configs = {(model.unknown_state(n), frozenset())}
+        for other in inflight.values():
+            if not other.incomplete:
+                other.incomplete = True
+                other.op = to_model_op(other)
+
     for t, _order, kind, payload in h.points:
         if kind == CALL:
             inflight[payload.id] = payload
@@ -139,6 +152,10 @@ def check_profile(h: ProfileHistory, flavour: str, budget: int = DEFAULT_BUDGET,
                 # fast path: nothing overlaps this operation
                 (state, _), = configs
                 nxt = step(state, rec.op, flavour)
+                if not nxt.states and t <= lenient_until:
+                    del inflight[rec.id]
+                    resync_in_window()
+                    continue
                 if not nxt.states:
                     res.verdict = Verdict.DIVERGED
                     res.divergence = _divergence(h, rec, flavour, configs, inflight, nxt.reason)
@@ -152,6 +169,10 @@ def check_profile(h: ProfileHistory, flavour: str, budget: int = DEFAULT_BUDGET,
                     res.unknown_reason = (f"search budget exhausted at line {rec.line}"
                                           f" ({len(inflight)} operations in flight)")
                     return res
+                if not new and t <= lenient_until:
+                    del inflight[rec.id]
+                    resync_in_window()
+                    continue
                 if not new:
                     res.verdict = Verdict.DIVERGED
                     res.divergence = _divergence(h, rec, flavour, configs, inflight, None)
@@ -171,6 +192,8 @@ def check_profile(h: ProfileHistory, flavour: str, budget: int = DEFAULT_BUDGET,
             # operations in flight may be missing events of their own.
             res.resyncs += 1
             configs = {(model.unknown_state(n), frozenset())}
+            if payload.since is not None:
+                lenient_until = max(lenient_until, payload.t)
         elif kind == INIT:
             configs = {(model.initial_state(payload.num_slots), frozenset())}
             n = payload.num_slots

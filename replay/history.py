@@ -8,7 +8,8 @@ kernel shows a miss, and which slot it chose. Intervals are closed
 before returns, so that such operations count as overlapping.
 
 Per profile, the result is a time-ordered list of *points*: CALL(op),
-RETURN(op), RESYNC (lost events: the state becomes unknown from here),
+RETURN(op), RESYNC (lost events: the state becomes unknown from here; a loss
+known only to lie in a window [since, t] resynchronises at both ends),
 INIT/DESTROY. The checker consumes these.
 """
 
@@ -101,8 +102,13 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
         if kind is EventKind.lost:
             # Everything after this point may be missing, on any CPU, for any
             # profile: every profile resynchronises, and operations in flight
-            # may have lost events of their own.
+            # may have lost events of their own. A marker with `since` says the
+            # loss fell somewhere in [since, t]: the state is unknown from
+            # `since`, the window is judged leniently (checker), and it is
+            # unknown again at t, since what was learnt inside may be wrong.
             for h in profiles.values():  # after returns at the same time: those were seen
+                if ev.since is not None:
+                    h.points.append((ev.since, 0, RESYNC, ev))
                 h.points.append((ev.t, 2, RESYNC, ev))
             for rec in open_ops.values():
                 rec.incomplete = True

@@ -89,6 +89,7 @@ class Event(NamedTuple):
     num_slots: int | None = None  # profile_init
     count: int | None = None  # lost
     device: str | None = None  # profile_init, profile_attach, profile_register
+    since: int | None = None  # lost: events may be missing from this time on, not only after t
     line: int = 0
 
 
@@ -191,7 +192,7 @@ def _parse_event(path: str, lineno: int, obj: Any) -> Event:
     profile = obj.get("p")
     if type(profile) is not str and kind is not EventKind.lost:
         raise TraceFormatError(path, lineno, f"{kind.name}: missing profile id 'p'")
-    values: list[Any] = [t, cpu, tid, kind, profile, None, None, None, None, None, None, lineno]
+    values: list[Any] = [t, cpu, tid, kind, profile, None, None, None, None, None, None, None, lineno]
     for fname, ftype, nullable in _SPECS[kind]:
         v = obj.get(fname, _MISSING)
         if type(v) is not ftype:
@@ -209,6 +210,11 @@ def _parse_event(path: str, lineno: int, obj: Any) -> Event:
             raise TraceFormatError(path, lineno, f"{kind.name}: num_slots must be >= 0")
         device = obj.get("device")
         values[10] = device if isinstance(device, str) else None
+    elif kind is EventKind.lost and "since" in obj:
+        since = obj["since"]
+        if type(since) is not int or not 0 <= since <= t:
+            raise TraceFormatError(path, lineno, f"lost: 'since' must be an integer time between 0 and t, got {since!r}")
+        values[11] = since
     return _new_event(Event, values)
 
 
