@@ -115,12 +115,19 @@ class Decoder:
             fields["result"] = e.result
         self._write(e, kind, pid, **fields)
 
-    def lost(self, cpu: int, count: int, start_t: int, at: int | None = None) -> None:
+    def lost(self, cpu: int, count: int, start_t: int, at: int | None = None, since: int | None = None,
+             why: str | None = None) -> None:
         """Events lost on ``cpu``: they came after the last event read from that CPU
-        (or after ``at``). count 0: an unknown number may be missing."""
+        (or after ``at``). count 0: an unknown number may be missing. ``since``: the
+        loss happened somewhere in [since, at], on any CPU (a miss counter read now)."""
         t = at if at is not None else self.last_t.get(cpu, start_t)
         self.counts["lost"] = self.counts.get("lost", 0) + count
-        self.write({"t": t, "cpu": cpu, "tid": 0, "ev": "lost", "p": None, "count": count})
+        record = {"t": t, "cpu": cpu, "tid": 0, "ev": "lost", "p": None, "count": count}
+        if since is not None:
+            record["since"] = min(since, t)
+        if why is not None:
+            record["why"] = why
+        self.write(record)
 
     def _write(self, e: RawEvent, kind: EventKind, pid: str, **fields: Any) -> None:
         self.counts[kind.name] = self.counts.get(kind.name, 0) + 1

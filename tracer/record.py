@@ -25,7 +25,8 @@ from replay.trace import Header
 from tracer import __version__
 from tracer.decode import Decoder
 from tracer.tui.kernel_counts import KernelCounts
-from tracer.probes import GENERATIONS, Attachment, KernelSymbols, ProbeError, detect_generation, detect_semantics, plan
+from tracer.probes import (GENERATIONS, TRACEFS_DIRS, Attachment, KernelSymbols, ProbeError, detect_generation,
+                           detect_semantics, plan)
 
 PERF_PAGES = 256  # per CPU: 1 MiB of buffer each, for bursts of I/O
 
@@ -150,6 +151,8 @@ class Recorder:
         self._read: list = []  # what the last read of the perf buffers returned: events and (cpu, lost count)
         self._start_t = 0
         self._late: dict[str, int] = {}  # driver callbacks attached after start (modules loaded later) -> address
+        self._misses: MissCounters | None = None  # the kernel's counts of skipped probe hits
+        self._misses_read_t = 0
 
     def header(self) -> Header:
         return Header(
@@ -232,6 +235,10 @@ class Recorder:
             self._read.append((cpu, n))  # in order: the marker goes after what was read before it
 
         self._start_t = start_t
+        tracefs = next((d for d in TRACEFS_DIRS if os.path.exists(os.path.join(d, "kprobe_profile"))), None)
+        self._misses = MissCounters(self.bpf, tracefs)
+        self._misses.new_misses()  # the baseline (a miss before the first event read is no loss of ours)
+        self._misses_read_t = time.monotonic_ns()
         events = self._events = self.bpf["events"]
         # One reader per CPU, so that a loss is known per CPU and its marker
         # can be placed after the last event read from that CPU.
@@ -273,6 +280,17 @@ class Recorder:
         if self._rescan:
             self._rescan = False
             self.attach_late_drivers()
+        self._read_misses()
+
+    def _read_misses(self) -> None:
+        """Probe hits the kernel skipped since the last look: a lost marker whose window
+        starts at that look (the hits could have been anywhere in between, on any CPU)."""
+        if self._misses is None:
+            return
+        now = time.monotonic_ns()
+        for why, n in self._misses.new_misses().items():
+            self.decoder.lost(0, n, self._start_t, at=now, since=self._misses_read_t, why=why)
+        self._misses_read_t = now
 
     def attach_late_drivers(self) -> None:
         """Attach to the callbacks of driver modules loaded after recording started.
@@ -370,6 +388,7 @@ class Recorder:
                     self._drop_held_before(time.monotonic_ns())
                 if self._held:
                     self._release_held()
+                self._read_misses()
         finally:
             if self._events is not None:
                 for cpu in list(self._events._open_key_fds):  # close the readers before bcc's cleanup does it twice
@@ -403,6 +422,67 @@ class Recorder:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+
+
+class MissCounters:
+    """The kernel's own counts of probe hits it skipped, read after every poll.
+
+    A kprobe that fires while another kprobe handler runs on the same CPU (an
+    interrupt completing a request while a get's probe runs) is not run: the
+    kernel only counts it, per kprobe, and the aggregated kprobe of a function
+    counts it for each probe on it. bcc creates our kretprobes (they have a
+    maxactive) through tracefs, so kprobe_profile shows their miss counts: one per
+    traced function with a return probe, which covers both probes on it. BPF
+    programs count their own recursion misses (fentry: the same program
+    re-entered on a CPU; kprobes too from 6.7) in bpf_prog_info. Nothing counts a
+    miss of the entry-only probes (destroy, register, disk name), which never run
+    in interrupt context. Counts only grow; a probe removed (a module unloaded)
+    just stops counting.
+    """
+
+    # struct bpf_prog_info (uapi/linux/bpf.h): recursion_misses, 5.12+
+    _INFO_LEN, _RECURSION_MISSES = 216, 208
+
+    def __init__(self, bpf, tracefs: str | None):
+        self.bpf, self.profile = bpf, os.path.join(tracefs, "kprobe_profile") if tracefs else None
+        self._suffix = f"_bcc_{os.getpid()}"
+        self._last: dict[str, int] = {}
+
+    def _kprobe_misses(self) -> dict[str, int]:
+        if self.profile is None:
+            return {}
+        try:
+            with open(self.profile) as f:
+                rows = [line.split() for line in f]
+        except OSError:
+            return {}
+        return {f"kprobe {r[0]}": int(r[2]) for r in rows if len(r) == 3 and r[0].endswith(self._suffix)}
+
+    def _recursion_misses(self) -> dict[str, int]:
+        if not self.bpf.funcs:
+            return {}
+        from bcc.libbcc import lib
+
+        out = {}
+        for name, fn in list(self.bpf.funcs.items()):
+            info = ctypes.create_string_buffer(self._INFO_LEN)
+            size = ctypes.c_uint32(self._INFO_LEN)
+            if lib.bpf_obj_get_info_by_fd(fn.fd, info, ctypes.byref(size)) == 0 and size.value >= self._INFO_LEN:
+                out[f"prog {name}"] = int.from_bytes(info.raw[self._RECURSION_MISSES:self._RECURSION_MISSES + 8],
+                                                     "little")
+        return out
+
+    def new_misses(self) -> dict[str, int]:
+        """why -> misses since the last call ("kprobe-missed", "bpf-recursion")."""
+        now = {**self._kprobe_misses(), **self._recursion_misses()}
+        out: dict[str, int] = {}
+        for name, n in now.items():
+            grew = n - self._last.get(name, 0)
+            if grew > 0:
+                why = "kprobe-missed" if name.startswith("kprobe ") else "bpf-recursion"
+                out[why] = out.get(why, 0) + grew
+        self._last = {**self._last, **now}
+        return out
 
 
 # the operations inside which a driver's callbacks run

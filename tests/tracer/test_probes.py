@@ -128,3 +128,28 @@ def test_a_failed_fentry_load_is_summed_up_in_one_line():
            "processed 7 insns (limit 1000000)\n\nHINT: bpf_get_func_arg missing (added in Linux 5.17).\n\n")
     assert _gist(log) == "HINT: bpf_get_func_arg missing (added in Linux 5.17)."
     assert _gist(log.split("\n\nHINT")[0]) == "invalid func unknown#183"
+
+
+def test_kprobe_misses_are_read_from_kprobe_profile_and_only_growth_counts(tmp_path):
+    """kprobe_profile: name, hits, misses. Ours end in _bcc_<pid>; others' are not ours."""
+    import os
+    import types
+
+    from tracer.record import MissCounters
+
+    pid = os.getpid()
+    profile = tmp_path / "kprobe_profile"
+
+    def write(get_missed, put_missed):
+        profile.write_text(f"  r_blk_crypto_get_keyslot_bcc_{pid}   120   {get_missed}\n"
+                           f"  r_blk_crypto_put_keyslot_bcc_{pid}   118   {put_missed}\n"
+                           f"  r_blk_crypto_put_keyslot_bcc_1   118   99\n")
+
+    write(0, 1)
+    counters = MissCounters(types.SimpleNamespace(funcs={}), str(tmp_path))
+    assert counters.new_misses() == {"kprobe-missed": 1}  # the first call is the baseline the recorder takes
+    assert counters.new_misses() == {}
+    write(2, 3)
+    assert counters.new_misses() == {"kprobe-missed": 4}
+    profile.write_text("")  # probes removed (the recording's end, a module unloaded): no negative loss
+    assert counters.new_misses() == {}
