@@ -2,8 +2,8 @@
 """Drive Linux inline encryption (fscrypt on ext4 with -o inlinecrypt) so that the
 kernel's blk-crypto keyslot manager does real work, and report exactly what was done.
 
-Runs INSIDE the test VM as root (Debian's /usr/bin/python3; standard library only,
-bcc only for the optional --count-probes). Each scenario builds a fresh ext4 image on
+Runs INSIDE the test VM as root (Debian's /usr/bin/python3; standard library only).
+Each scenario builds a fresh ext4 image on
 a private tmpfs under /tmp, mounts it through a loop device with -o inlinecrypt (the
 loop device has no inline-encryption hardware, so every encrypted bio goes through
 blk-crypto-fallback), adds fscrypt v2 master keys with FS_IOC_ADD_ENCRYPTION_KEY, sets
@@ -38,7 +38,8 @@ Run in the VM (from the repository root on the host), e.g.:
       /usr/bin/python3 tests/kernel/workload.py --scenario lru-churn
   python3 tests/vm/vm.py --append blk_crypto_fallback.num_keyslots=1 -- \\
       /usr/bin/python3 tests/kernel/workload.py --scenario waits
-Add --count-probes to count keyslot calls with bcc (kprobes; ~20 s to compile in the VM).
+What the kernel's keyslot manager did is asserted from the project's own recording
+(`keyslot-trace record`, tests/kernel/guest_run.py), not here.
 
 Output: one JSON object on stdout (or --report FILE): {"workload_version", "kernel",
 "fallback_num_keyslots", "scenarios": [per-scenario report], "totals", "ok": true}. On
@@ -50,7 +51,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import errno
 import fcntl
 import json
 import mmap
@@ -884,109 +884,6 @@ SCENARIOS = {
 }
 
 
-# ----------------------------------------------------------------------------- bcc counting
-BPF_TEXT = r"""
-#include <uapi/linux/ptrace.h>
-/* 0 get calls, 1 get ok, 2 get failed, 3 put, 4 program, 5 evict (__blk_crypto_evict_key),
-   6 gets entered while all NSLOTS fallback slots were held, 7 max holders of one slot,
-   8 max holders overall, 9 current holders overall */
-BPF_ARRAY(cnt, s64, 10);
-BPF_HASH(getarg, u32, u64);
-BPF_HASH(holders, u64, s64);
-
-static inline void inc(int i, s64 d) { s64 *v = cnt.lookup(&i); if (v) __sync_fetch_and_add(v, d); }
-static inline void maxto(int i, s64 x) { s64 *v = cnt.lookup(&i); if (v && *v < x) *v = x; }
-
-int on_get(struct pt_regs *ctx) {
-    u32 tid = bpf_get_current_pid_tgid();
-    u64 p = PT_REGS_PARM3(ctx);
-    getarg.update(&tid, &p);
-    inc(0, 1);
-    int h = 9; s64 *cur = cnt.lookup(&h);
-    if (cur && *cur >= NSLOTS) inc(6, 1);
-    return 0;
-}
-int on_get_ret(struct pt_regs *ctx) {
-    u32 tid = bpf_get_current_pid_tgid();
-    u64 *pp = getarg.lookup(&tid);
-    if (!pp) return 0;
-    u64 slot_ptr = *pp;
-    getarg.delete(&tid);
-    if ((u8)PT_REGS_RC(ctx) != 0) { inc(2, 1); return 0; }
-    inc(1, 1);
-    u64 slot = 0;
-    bpf_probe_read_kernel(&slot, sizeof(slot), (void *)slot_ptr);
-    if (!slot) return 0;
-    s64 zero = 0;
-    s64 *v = holders.lookup_or_try_init(&slot, &zero);
-    if (v) { __sync_fetch_and_add(v, 1); maxto(7, *v); }
-    int h = 9; s64 *cur = cnt.lookup(&h);
-    if (cur) { __sync_fetch_and_add(cur, 1); maxto(8, *cur); }
-    return 0;
-}
-int on_put(struct pt_regs *ctx) {
-    u64 slot = PT_REGS_PARM1(ctx);
-    inc(3, 1);
-    s64 *v = holders.lookup(&slot);
-    if (v) { __sync_fetch_and_add(v, -1); inc(9, -1); }
-    return 0;
-}
-int on_program(struct pt_regs *ctx) { inc(4, 1); return 0; }
-int on_evict(struct pt_regs *ctx) { inc(5, 1); return 0; }
-"""
-PROBE_NAMES = ["get_keyslot_calls", "get_keyslot_ok", "get_keyslot_failed", "put_keyslot",
-               "fallback_keyslot_program", "evict_key", "gets_entered_while_all_slots_held",
-               "max_holders_one_slot", "max_holders_total", "holders_now"]
-
-
-def prepare_kernel_headers() -> str:
-    """bcc needs kernel headers. Without /lib/modules/REL/build it unpacks
-    /sys/kernel/kheaders.tar.xz to /tmp/kheaders-REL itself, which failed in the test VM
-    (/tmp there is an overlay of the host's /tmp). Unpack it ourselves into a private
-    directory and point BCC_KERNEL_SOURCE at it. Returns the directory to delete later
-    ('' if nothing was done)."""
-    rel = platform.release()
-    if os.environ.get("BCC_KERNEL_SOURCE") or os.path.isdir("/lib/modules/%s/build" % rel) \
-            or os.path.isdir("/tmp/kheaders-%s" % rel):
-        return ""
-    if not os.path.exists("/sys/kernel/kheaders.tar.xz"):
-        raise WorkloadError("no kernel headers for bcc (/lib/modules/%s/build or "
-                            "CONFIG_IKHEADERS' /sys/kernel/kheaders.tar.xz)" % rel)
-    parent = "/run" if os.access("/run", os.W_OK) else None
-    d = tempfile.mkdtemp(prefix="ks-kheaders-", dir=parent)
-    try:
-        run(["tar", "-xf", "/sys/kernel/kheaders.tar.xz", "-C", d], "unpack kheaders")
-    except BaseException:
-        shutil.rmtree(d, ignore_errors=True)
-        raise
-    os.environ["BCC_KERNEL_SOURCE"] = d
-    return d
-
-
-class ProbeCounter:
-    def __init__(self, nslots: int):
-        from bcc import BPF  # Debian python3-bpfcc; only /usr/bin/python3 has it
-        t0 = time.monotonic()
-        self.b = BPF(text=BPF_TEXT.replace("NSLOTS", str(int(nslots))))
-        self.b.attach_kprobe(event="blk_crypto_get_keyslot", fn_name="on_get")
-        self.b.attach_kretprobe(event="blk_crypto_get_keyslot", fn_name="on_get_ret", maxactive=64)
-        self.b.attach_kprobe(event="blk_crypto_put_keyslot", fn_name="on_put")
-        self.b.attach_kprobe(event="blk_crypto_fallback_keyslot_program", fn_name="on_program")
-        self.b.attach_kprobe(event="__blk_crypto_evict_key", fn_name="on_evict")
-        self.compile_seconds = round(time.monotonic() - t0, 1)
-
-    def reset(self):
-        self.b["cnt"].clear()
-        self.b["holders"].clear()
-        self.b["getarg"].clear()
-
-    def read(self) -> dict:
-        c = self.b["cnt"]
-        vals = {name: c[ctypes.c_int(i)].value for i, name in enumerate(PROBE_NAMES)}
-        vals.pop("holders_now")
-        return vals
-
-
 # ----------------------------------------------------------------------------- main
 def kernel_info() -> dict:
     syms = {"blk_crypto_get_keyslot": False, "blk_crypto_fallback_keyslot_program": False}
@@ -1051,8 +948,6 @@ def parse_args(argv=None):
                     help="bytes per read/write system call (multiple of 4096; default 65536)")
     ap.add_argument("--io", choices=["direct", "buffered"],
                     help="override the scenario's I/O mode (O_DIRECT or page cache + drop_caches)")
-    ap.add_argument("--count-probes", action="store_true",
-                    help="count keyslot calls with bcc kprobes and add them to the report")
     ap.add_argument("--report", metavar="FILE", help="write the JSON report here instead of stdout")
     ap.add_argument("--no-scan", action="store_true", help="skip the on-disk plaintext scan")
     a = ap.parse_args(argv)
@@ -1076,41 +971,23 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    cleanup_dirs = []
-    try:
-        return _main(args, names, cleanup_dirs)
-    finally:
-        for d in cleanup_dirs:
-            if d:
-                shutil.rmtree(d, ignore_errors=True)
+    return _main(args, names)
 
 
-def _main(args, names, cleanup_dirs) -> int:
+def _main(args, names) -> int:
     try:
         if os.geteuid() != 0:
             raise WorkloadError("must run as root (inside the test VM)")
         kinfo = kernel_info()
         nslots = kinfo["fallback_num_keyslots"]
-        probes = None
-        if args.count_probes:
-            try:
-                cleanup_dirs.append(prepare_kernel_headers())
-                probes = ProbeCounter(nslots or 1)
-            except Exception as e:  # noqa: BLE001
-                raise WorkloadError("--count-probes: bcc failed: %s: %s"
-                                    % (type(e).__name__, str(e).splitlines()[0] if str(e) else ""))
         report = {"workload_version": WORKLOAD_VERSION, "kernel": kinfo,
                   "fallback_num_keyslots": nslots, "scenarios": []}
-        if probes:
-            report["bcc_compile_seconds"] = probes.compile_seconds
         for name in names:
             fn, expected = SCENARIOS[name]
             if nslots is not None and nslots != expected and name in ("lru-churn", "waits"):
                 print("workload.py: warning: %s expects blk_crypto_fallback.num_keyslots=%d, "
                       "kernel has %d" % (name, expected, nslots), file=sys.stderr)
             t0 = time.monotonic()
-            if probes:
-                probes.reset()
             with EncryptedFS(args.mount_dir, args.image_size, None) as fs:
                 rep = base_report(name, args, fs, expected, args.io)
                 rep["loop_device"] = fs.loop
@@ -1125,8 +1002,6 @@ def _main(args, names, cleanup_dirs) -> int:
                 if not args.no_scan:
                     rep["plaintext_scan"] = fs.scan_plaintext()
             rep["seconds"] = round(time.monotonic() - t0, 3)
-            if probes:
-                rep["probe_counts"] = probes.read()
             rep["slots_match_expectation"] = (nslots == expected) if nslots is not None else None
             report["scenarios"].append(rep)
         report["totals"] = {k: sum(r.get(k, 0) for r in report["scenarios"])

@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# Build (or reuse) ksdisk.ko for the keyslot-trace test kernel.
+# Build (or reuse) ksdisk.ko for a keyslot-trace test kernel.
 #
-#   KO=$(tests/ksdisk/build.sh)     # progress on stderr; last stdout line = .ko path
+#   KO=$(tests/ksdisk/build.sh [GEN])   # GEN: 5.10, 6.1 (default) or 6.12
+#                                       # progress on stderr; last stdout line = .ko path
 #
-# Finds the kernel via tests/vm/build-kernel.sh (instant when cached; builds it
+# Finds the kernel via tests/vm/build-kernel.sh GEN (instant when cached; builds it
 # otherwise), builds in a scratch copy of the sources (nothing is written into the
-# repository) and caches the result next to the kernel:
+# repository) with W=1 and fails on any compiler warning in ksdisk.c, and caches the
+# result next to that kernel (so per generation):
 #   <kernel cache dir>/ksdisk-<sha256(ksdisk.c, Kbuild, kernelrelease)[:16]>/ksdisk.ko
-# Env: KSDISK_KERNEL_BZIMAGE=<path> skips build-kernel.sh (its parent dir must have build/);
-#      JOBS (make -j), KSDISK_REBUILD=1 ignores the cache.
+# Env: KSDISK_KERNEL_BZIMAGE=<path> skips build-kernel.sh (its parent dir must have build/;
+#      GEN is then ignored), JOBS (make -j), KSDISK_REBUILD=1 ignores the cache.
 set -euo pipefail
 SCRIPT_DIR=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
 REPO=$(dirname "$(dirname "$SCRIPT_DIR")")
 log() { printf '[ksdisk-build] %s\n' "$*" >&2; }
 die() { printf 'ksdisk-build: ERROR: %s\n' "$*" >&2; exit 1; }
 
+(($# <= 1)) || die "usage: $0 [GEN]   (GEN: 5.10, 6.1 or 6.12; default 6.1)"
+GEN=${1:-6.1}
 if [[ -n ${KSDISK_KERNEL_BZIMAGE:-} ]]; then
     BZ=$KSDISK_KERNEL_BZIMAGE
 else
-    BZ=$("$REPO/tests/vm/build-kernel.sh" | tail -n1)
+    BZ=$("$REPO/tests/vm/build-kernel.sh" "$GEN" | tail -n1)
 fi
 [[ -f $BZ ]] || die "no bzImage at '$BZ'"
 KCACHE=$(dirname "$BZ")
@@ -41,7 +45,12 @@ if ! make -C "$KDIR" M="$WORK" -j"${JOBS:-$(nproc)}" W=1 modules >"$OUT/build.lo
     tail -n 40 "$OUT/build.log" >&2
     die "module build failed (full log: $OUT/build.log)"
 fi
-if grep -E 'warning:' "$OUT/build.log" >&2; then log "(compiler warnings above)"; fi
+# W=1 warnings in ksdisk.c fail the build (the .ko is not cached). Warnings that
+# kbuild prints about other files (modpost, BTF of the module) are only shown.
+if grep -E '(^|/)ksdisk\.c:[0-9]+(:[0-9]+)?: (warning|error):' "$OUT/build.log" >&2; then
+    die "compiler warnings in ksdisk.c (above; full log: $OUT/build.log)"
+fi
+if grep -E 'warning:' "$OUT/build.log" >&2; then log "(warnings above, not from ksdisk.c)"; fi
 cp "$WORK/ksdisk.ko" "$KO.tmp" && mv "$KO.tmp" "$KO"
 log "built: $KO"
 echo "$KO"

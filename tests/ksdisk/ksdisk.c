@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * ksdisk: a blk-mq RAM disk with a (software) inline-encryption engine, for
- * exercising the blk-crypto keyslot manager (struct blk_crypto_profile) with a
- * real driver on Linux 6.1.
+ * exercising the blk-crypto keyslot manager with a real driver.  One source for
+ * the three kernel generations the project tests: 5.10.y (struct
+ * blk_keyslot_manager), 6.1.y and 6.12.y (struct blk_crypto_profile); see the
+ * compatibility block below.
  *
  * - num_slots > 0: a keyslot profile.  keyslot_program keys the slot's
  *   "xts(aes)" tfm with the raw key; each request is en/decrypted with the tfm
@@ -10,7 +12,8 @@
  *   request's DUN.  A slot holding the wrong key therefore corrupts data.
  * - num_slots = 0: a passthrough profile (no keyslots, like Exynos FMP): the
  *   key comes with each request (rq->crypt_ctx->bc_key); a cached tfm is
- *   re-keyed when the key bytes change.
+ *   re-keyed when the key bytes change.  Not on 5.10: blk_ksm_init(ksm, 0)
+ *   returns -EINVAL there and the module fails to load with that error.
  *
  * The IV of a data unit is its DUN as little-endian 64-bit words, exactly as
  * blk-crypto-fallback does, so data written through the fallback and through
@@ -25,12 +28,12 @@
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
+#include <linux/version.h>
 #include <linux/module.h>
 #include <linux/moduleparam.h>
 #include <linux/blkdev.h>
 #include <linux/blk-mq.h>
 #include <linux/blk-crypto.h>
-#include <linux/blk-crypto-profile.h>
 #include <linux/highmem.h>
 #include <linux/hrtimer.h>
 #include <linux/workqueue.h>
@@ -45,8 +48,77 @@
 #error "ksdisk needs CONFIG_BLK_INLINE_ENCRYPTION"
 #endif
 
+/* ------------------------------------------------------------------ compat
+ *
+ * Built and tested on 5.10.262, 6.1.192 and 6.12.118 (Debian's linux-source
+ * packages).  Each boundary below is the mainline release that changed the
+ * API; kernels between those three series have never been built with this file.
+ */
+
+/*
+ * Keyslot manager.  5.16 renamed struct blk_keyslot_manager (keyslot-manager.h,
+ * blk_ksm_*(), ->ksm_ll_ops, ->crypto_modes_supported[]) to struct
+ * blk_crypto_profile (blk-crypto-profile.h, blk_crypto_*(), ->ll_ops,
+ * ->modes_supported[]).  "struct ks_profile" and the ks_*() names are whichever
+ * this kernel has.  A passthrough (0-slot) manager came in 5.12 as
+ * blk_ksm_init_passthrough(); since 5.16 blk_crypto_profile_init(p, 0) makes one.
+ * Before 5.12 (so on 5.10) blk_ksm_init(ksm, 0) returns -EINVAL; 5.12-5.15 are
+ * not handled (this module would fail there the same way).
+ */
+#if LINUX_VERSION_CODE < KERNEL_VERSION(5, 16, 0)
+#include <linux/keyslot-manager.h>
+#define ks_profile		blk_keyslot_manager	/* struct tags */
+#define ks_ll_ops		blk_ksm_ll_ops
+#define KS_LL_OPS(p)		((p)->ksm_ll_ops)
+#define KS_MODES(p)		((p)->crypto_modes_supported)
+#define ks_profile_init		blk_ksm_init
+#define ks_profile_destroy	blk_ksm_destroy
+#define ks_register		blk_ksm_register
+#define ks_keyslot_index	blk_ksm_get_slot_idx
+#define ks_reprogram_all_keys	blk_ksm_reprogram_all_keys
+#define KS_HAVE_PASSTHROUGH	0
+#define KS_INIT_NAME		"blk_ksm_init"
+#else
+#include <linux/blk-crypto-profile.h>
+#define ks_profile		blk_crypto_profile
+#define ks_ll_ops		blk_crypto_ll_ops
+#define KS_LL_OPS(p)		((p)->ll_ops)
+#define KS_MODES(p)		((p)->modes_supported)
+#define ks_profile_init		blk_crypto_profile_init
+#define ks_profile_destroy	blk_crypto_profile_destroy
+#define ks_register		blk_crypto_register
+#define ks_keyslot_index	blk_crypto_keyslot_index
+#define ks_reprogram_all_keys	blk_crypto_reprogram_all_keys
+#define KS_HAVE_PASSTHROUGH	1
+#define KS_INIT_NAME		"blk_crypto_profile_init"
+#endif
+
+/* blk_mq_ops.timeout lost its "bool reserved" argument in 6.0. */
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 0, 0)
+#define KS_TIMEOUT_ARGS		struct request *rq, bool reserved
+#else
+#define KS_TIMEOUT_ARGS		struct request *rq
+#endif
+
+/* kmap_local_page() came in 5.11; kmap_atomic() maps the same way (it also
+ * disables preemption, harmless for the memcpy()s it is used for here). */
+#if LINUX_VERSION_CODE < KERNEL_VERSION(5, 11, 0)
+#define kmap_local_page(page)	kmap_atomic(page)
+#define kunmap_local(addr)	kunmap_atomic(addr)
+#endif
+
+/* 5.17 renamed GENHD_FL_NO_PART_SCAN to GENHD_FL_NO_PART (an enum since then).
+ * The rename was also backported to 5.15.y, so test the old macro, not the
+ * version. */
+#ifdef GENHD_FL_NO_PART_SCAN
+#define KS_GENHD_NO_PART	GENHD_FL_NO_PART_SCAN
+#else
+#define KS_GENHD_NO_PART	GENHD_FL_NO_PART
+#endif
+
 #define KSDISK_NAME "ksdisk"
 #define KSDISK_MAX_SLOTS 64
+#define KSDISK_MAX_SECTORS 256	/* 128 KiB requests */
 
 /* ------------------------------------------------------------------ params */
 
@@ -132,7 +204,7 @@ struct ksdisk_stats {
 struct ksdisk_dev {
 	struct gendisk *disk;
 	struct blk_mq_tag_set tag_set;
-	struct blk_crypto_profile profile;
+	struct ks_profile profile;
 	unsigned int num_slots;
 	struct ksdisk_slot *slots;
 	/* passthrough (num_slots == 0) */
@@ -176,7 +248,7 @@ static void atomic_max(atomic_t *m, int v)
 
 /* ------------------------------------------------------------------ ll_ops */
 
-static int ksdisk_keyslot_program(struct blk_crypto_profile *profile,
+static int ksdisk_keyslot_program(struct ks_profile *profile,
 				  const struct blk_crypto_key *key,
 				  unsigned int slot)
 {
@@ -213,7 +285,7 @@ static int ksdisk_keyslot_program(struct blk_crypto_profile *profile,
 	return 0;
 }
 
-static int ksdisk_keyslot_evict(struct blk_crypto_profile *profile,
+static int ksdisk_keyslot_evict(struct ks_profile *profile,
 				const struct blk_crypto_key *key,
 				unsigned int slot)
 {
@@ -250,7 +322,7 @@ static int ksdisk_keyslot_evict(struct blk_crypto_profile *profile,
 	return 0;
 }
 
-static const struct blk_crypto_ll_ops ksdisk_ll_ops = {
+static const struct ks_ll_ops ksdisk_ll_ops = {
 	.keyslot_program = ksdisk_keyslot_program,
 	.keyslot_evict = ksdisk_keyslot_evict,
 };
@@ -409,7 +481,7 @@ static blk_status_t ksdisk_do_rq(struct ksdisk_dev *d, struct ksdisk_cmd *cmd)
 
 		if (!rq->crypt_keyslot)
 			return BLK_STS_IOERR;
-		idx = blk_crypto_keyslot_index(rq->crypt_keyslot);
+		idx = ks_keyslot_index(rq->crypt_keyslot);
 		if (idx >= d->num_slots)
 			return BLK_STS_IOERR;
 		s = &d->slots[idx];
@@ -504,7 +576,7 @@ static void ksdisk_complete_rq(struct request *rq)
 	blk_mq_end_request(rq, cmd->status);
 }
 
-static enum blk_eh_timer_return ksdisk_timeout(struct request *rq)
+static enum blk_eh_timer_return ksdisk_timeout(KS_TIMEOUT_ARGS)
 {
 	/* requests are only ever delayed on purpose (hold_ms); keep waiting */
 	return BLK_EH_RESET_TIMER;
@@ -540,7 +612,8 @@ static int reprogram_all_get(char *buf, const struct kernel_param *kp)
 	return sysfs_emit(buf, "0\n");
 }
 
-/* 1: blk_crypto_reprogram_all_keys() as a driver does after a host reset.
+/* 1: blk_crypto_reprogram_all_keys() (5.10: blk_ksm_reprogram_all_keys()) as a
+ *    driver does after a host reset.
  * 2: simulated reset: freeze the queue, overwrite every programmed slot with a
  *    random key (the "hardware" lost its keys), reprogram all, unfreeze.  Data
  *    stays intact only because the reprogram restores the keys. */
@@ -575,7 +648,7 @@ static int reprogram_all_set(const char *val, const struct kernel_param *kp)
 			memzero_explicit(junk, sizeof(junk));
 		}
 		atomic_inc(&d->st.reprogram_all_calls);
-		blk_crypto_reprogram_all_keys(&d->profile);
+		ks_reprogram_all_keys(&d->profile);
 		if (v == 2)
 			blk_mq_unfreeze_queue(d->disk->queue);
 	}
@@ -679,6 +752,80 @@ MODULE_PARM_DESC(stats, "counters (read-only)");
 
 /* ------------------------------------------------------------------ setup */
 
+/*
+ * The gendisk and its queue.  blk_mq_alloc_disk() came in 5.14; before it a
+ * driver made the queue (blk_mq_init_queue_data()) and the disk (alloc_disk())
+ * separately, as 5.10's null_blk does, and cleaned the queue up itself.  6.9
+ * added the struct queue_limits argument; 6.11 moved "rotational" into it
+ * (QUEUE_FLAG_NONROT became BLK_FEAT_ROTATIONAL in lim.features: a queue is
+ * non-rotational unless that is set), and the blk_queue_*() limit setters used
+ * in the other branch are gone from 6.12.
+ */
+static struct gendisk *ksdisk_alloc_disk(struct ksdisk_dev *d)
+{
+	struct gendisk *disk;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 11, 0)
+	struct queue_limits lim = {
+		.logical_block_size = 512,
+		.physical_block_size = PAGE_SIZE,
+		.max_hw_sectors = KSDISK_MAX_SECTORS,
+	};
+
+	disk = blk_mq_alloc_disk(&d->tag_set, &lim, d);
+#else
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 9, 0)
+	disk = blk_mq_alloc_disk(&d->tag_set, NULL, d);
+#elif LINUX_VERSION_CODE >= KERNEL_VERSION(5, 14, 0)
+	disk = blk_mq_alloc_disk(&d->tag_set, d);
+#else
+	struct request_queue *q = blk_mq_init_queue_data(&d->tag_set, d);
+
+	if (IS_ERR(q))
+		return ERR_CAST(q);
+	disk = alloc_disk(1);
+	if (!disk) {
+		blk_cleanup_queue(q);
+		return ERR_PTR(-ENOMEM);
+	}
+	disk->queue = q;
+#endif
+	if (IS_ERR(disk))
+		return disk;
+	blk_queue_logical_block_size(disk->queue, 512);
+	blk_queue_physical_block_size(disk->queue, PAGE_SIZE);
+	blk_queue_max_hw_sectors(disk->queue, KSDISK_MAX_SECTORS);
+	blk_queue_flag_set(QUEUE_FLAG_NONROT, disk->queue);
+#endif
+	return disk;
+}
+
+/* add_disk() returns an error (__must_check) since 5.15; it was void before. */
+static int ksdisk_add_disk(struct gendisk *disk)
+{
+#if LINUX_VERSION_CODE < KERNEL_VERSION(5, 15, 0)
+	add_disk(disk);
+	return 0;
+#else
+	return add_disk(disk);
+#endif
+}
+
+/* Since 6.0 put_disk() also frees a queue made by blk_mq_alloc_disk() (5.14-5.19
+ * needed blk_cleanup_disk(): not handled).  Before 5.14 the driver cleans up its
+ * own queue, and 5.10's disk_release() drops a queue reference that only
+ * add_disk() took, so a disk that was never added must forget its queue first. */
+static void ksdisk_put_disk(struct gendisk *disk, bool added)
+{
+#if LINUX_VERSION_CODE < KERNEL_VERSION(5, 14, 0)
+	struct request_queue *q = disk->queue;
+
+	if (!added)
+		disk->queue = NULL;
+	blk_cleanup_queue(q);
+#endif
+	put_disk(disk);
+}
+
 static void ksdisk_free_dev(struct ksdisk_dev *d)
 {
 	unsigned long i;
@@ -749,13 +896,20 @@ static int __init ksdisk_init(void)
 		}
 	}
 
-	/* blk_crypto_profile_init(profile, 0) makes a passthrough profile */
-	err = blk_crypto_profile_init(&d->profile, num_slots);
-	if (err)
+	/* 6.x: blk_crypto_profile_init(profile, 0) makes a passthrough profile;
+	 * 5.10: blk_ksm_init(ksm, 0) returns -EINVAL (no passthrough before 5.12) */
+	err = ks_profile_init(&d->profile, num_slots);
+	if (err) {
+		if (!num_slots && !KS_HAVE_PASSTHROUGH)
+			pr_err("num_slots=0: " KS_INIT_NAME "() returned %d: no passthrough keyslot manager before Linux 5.12\n",
+			       err);
+		else
+			pr_err(KS_INIT_NAME "(num_slots=%u) returned %d\n", num_slots, err);
 		goto out_free;
-	d->profile.ll_ops = ksdisk_ll_ops;
+	}
+	KS_LL_OPS(&d->profile) = ksdisk_ll_ops;
 	d->profile.max_dun_bytes_supported = 8;
-	d->profile.modes_supported[BLK_ENCRYPTION_MODE_AES_256_XTS] =
+	KS_MODES(&d->profile)[BLK_ENCRYPTION_MODE_AES_256_XTS] =
 		4096 | (dus_512 ? 512 : 0);
 	d->profile.dev = NULL;
 
@@ -781,7 +935,7 @@ static int __init ksdisk_init(void)
 	if (err)
 		goto out_blkdev;
 
-	disk = blk_mq_alloc_disk(&d->tag_set, d);
+	disk = ksdisk_alloc_disk(d);
 	if (IS_ERR(disk)) {
 		err = PTR_ERR(disk);
 		goto out_tags;
@@ -792,17 +946,13 @@ static int __init ksdisk_init(void)
 	disk->minors = 1;
 	disk->fops = &ksdisk_fops;
 	disk->private_data = d;
-	disk->flags |= GENHD_FL_NO_PART;
+	disk->flags |= KS_GENHD_NO_PART;
 	snprintf(disk->disk_name, DISK_NAME_LEN, KSDISK_NAME "0");
 	set_capacity(disk, d->size >> SECTOR_SHIFT);
-	blk_queue_logical_block_size(disk->queue, 512);
-	blk_queue_physical_block_size(disk->queue, PAGE_SIZE);
-	blk_queue_max_hw_sectors(disk->queue, 256);	/* 128 KiB requests */
-	blk_queue_flag_set(QUEUE_FLAG_NONROT, disk->queue);
 	blk_queue_rq_timeout(disk->queue, 300 * HZ);
 
-	/* must precede add_disk: that creates queue/crypto/ in sysfs */
-	if (!blk_crypto_register(&d->profile, disk->queue)) {
+	/* must precede add_disk: that creates queue/crypto/ in sysfs (5.18+) */
+	if (!ks_register(&d->profile, disk->queue)) {
 		err = -EINVAL;
 		goto out_disk;
 	}
@@ -810,12 +960,12 @@ static int __init ksdisk_init(void)
 	mutex_lock(&ksdisk_ctl_lock);
 	ksdisk = d;
 	mutex_unlock(&ksdisk_ctl_lock);
-	err = add_disk(disk);
+	err = ksdisk_add_disk(disk);
 	if (err) {
 		mutex_lock(&ksdisk_ctl_lock);
 		ksdisk = NULL;
 		mutex_unlock(&ksdisk_ctl_lock);
-		goto out_disk;
+		goto out_disk;	/* (5.15+) put_disk() undoes a failed add_disk() */
 	}
 	pr_info("%s: %u MiB, num_slots=%u%s, hw queues %u x depth %u\n",
 		disk->disk_name, size_mb, num_slots,
@@ -823,7 +973,7 @@ static int __init ksdisk_init(void)
 	return 0;
 
 out_disk:
-	put_disk(disk);
+	ksdisk_put_disk(disk, false);
 out_tags:
 	blk_mq_free_tag_set(&d->tag_set);
 out_blkdev:
@@ -831,7 +981,7 @@ out_blkdev:
 out_wq:
 	destroy_workqueue(ksdisk_wq);
 out_profile:
-	blk_crypto_profile_destroy(&d->profile);
+	ks_profile_destroy(&d->profile);
 out_free:
 	ksdisk_free_dev(d);
 	return err;
@@ -845,11 +995,11 @@ static void __exit ksdisk_exit(void)
 	mutex_lock(&ksdisk_ctl_lock);
 	ksdisk = NULL;
 	mutex_unlock(&ksdisk_ctl_lock);
-	put_disk(d->disk);
+	ksdisk_put_disk(d->disk, true);
 	blk_mq_free_tag_set(&d->tag_set);
 	unregister_blkdev(ksdisk_major, KSDISK_NAME);
 	destroy_workqueue(ksdisk_wq);
-	blk_crypto_profile_destroy(&d->profile);
+	ks_profile_destroy(&d->profile);
 	ksdisk_free_dev(d);
 }
 
