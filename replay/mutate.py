@@ -39,7 +39,9 @@ def dump_records(header: dict, records: list[dict[str, Any]]) -> bytes:
 
 def mutate(header: dict, records: list[dict[str, Any]], kind: str, rng: random.Random) -> Mutation:
     """Mutate ``records`` in place; returns what was changed. Raises LookupError if nothing fits."""
-    slots = {r["p"]: r["num_slots"] for r in records if r["ev"] == "profile_init"}
+    # profiles attached mid-stream too: their slots' contents are unknown, but a wrong
+    # slot or evict result still contradicts the callbacks the kernel made
+    slots = {r["p"]: r["num_slots"] for r in records if r["ev"] in ("profile_init", "profile_attach")}
     slots.update({p["id"]: p["num_slots"] for p in header.get("profiles", ())})
     if kind == "slot":
         cands = [i for i, r in enumerate(records)

@@ -35,3 +35,23 @@ def test_examples_agree():
     assert examples
     for path in examples:
         assert check(read_trace(path)).verdict is Verdict.AGREE, path
+
+
+def test_readme_kernel_table_is_the_generated_one():
+    """The README's table of kernels comes from docs/test-matrix.json (tests/vm/matrix.py
+    writes both from the VM tests' results), covers every test kernel, and shows a run
+    in which every test of every kernel passed."""
+    import json
+
+    from tests.kernel.conftest import GENERATIONS
+    from tests.vm.matrix import MATRIX, readme_with, render
+
+    matrix = json.loads(MATRIX.read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert readme_with(render(matrix), readme) == readme, "run python3 tests/vm/matrix.py after tests/run"
+    assert sorted(matrix["generations"]) == sorted(GENERATIONS)
+    for gen, r in matrix["generations"].items():
+        assert r["tests"]["passed"] == r["tests"]["total"] > 0, gen
+        for name, s in r["scenarios"].items():
+            for probe_type, cell in s["cells"].items():
+                assert cell["verdict"] != "DIVERGED", (gen, name, probe_type)

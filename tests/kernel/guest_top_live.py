@@ -49,6 +49,9 @@ def main() -> int:
     ap.add_argument("--scenario", required=True)
     ap.add_argument("--interval", default="1")
     ap.add_argument("--count", type=int, required=True)
+    ap.add_argument("--record-probe-type", default="auto",
+                    help="record's --probe-type (the tops use auto): kprobe where the tops get fentry, so "
+                         "that the waits scenario is recorded through both")
     ap.add_argument("--tool", required=True,
                     help="the installed keyslot-trace command (a wheel in a venv: tests/packaging.py)")
     args = ap.parse_args()
@@ -66,7 +69,8 @@ def main() -> int:
 
     rec_log = open(out / "record.log", "w")
     t0 = time.monotonic()
-    rec = subprocess.Popen(tool + ["record", "-o", str(out / "trace.ndjson")], env=env, stdout=rec_log,
+    rec = subprocess.Popen(tool + ["record", "--probe-type", args.record_probe_type, "-o", str(out / "trace.ndjson")],
+                           env=env, stdout=rec_log,
                            stderr=rec_log)
     if (err := wait_for(rec, out / "record.log", "recording to", 900)):
         return fail("record " + err)

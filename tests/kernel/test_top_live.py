@@ -20,6 +20,9 @@ and at most those before read_end_ns (give or take MARGIN_NS, the time between t
 programs on the same function). Its slot map, histograms and totals must equal what
 the every-event top computed from events.
 
+The same boot is the e2e test of the waits scenario: the recorded trace replays AGREE, its
+mutations DIVERGED, and some get had to wait for the single slot. On every generation.
+
 Like tests/kernel/test_e2e.py, this never skips: no kernel or no VM is a failure.
 """
 
@@ -28,18 +31,14 @@ from __future__ import annotations
 import bisect
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from replay.checker import Verdict, check
 from replay.trace import read_trace
-
-ROOT = Path(__file__).resolve().parent.parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "vm"))
-from vm import run_in_vm  # noqa: E402
-
-from tests.kernel.conftest import fresh_out, read_log  # noqa: E402
+from tests.conftest import assert_mutation_caught
+from tests.kernel.conftest import ROOT, fresh_out, read_log, run_in_vm
+from tests.kernel.traces import kernel_misses
 
 pytestmark = pytest.mark.vm
 
@@ -48,17 +47,17 @@ KINDS = {"gets": "get_return", "programs": "program_return", "evicts": "evict_re
 MARGIN_NS = 1_000_000
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def live_run(kernel, installed_tool) -> dict:
-    out = fresh_out("top-live")
+    out = fresh_out(f"top-live-{kernel.generation}")
     cmd = (f"{sys.executable} {ROOT / 'tests/kernel/guest_top_live.py'} --tool {installed_tool} --out {out} "
-           f"--scenario {SCENARIO} --interval 1 --count {COUNT}")
-    r = run_in_vm(cmd, kernel=kernel, timeout=1800, cmdline=[f"blk_crypto_fallback.num_keyslots={SLOTS}"],
+           f"--scenario {SCENARIO} --interval 1 --count {COUNT} --record-probe-type {kernel.probe_types[-1]}")
+    r = run_in_vm(cmd, kernel=kernel.image, timeout=1800, cmdline=[f"blk_crypto_fallback.num_keyslots={SLOTS}"],
                   rwdirs=[out], memory="2G", cpus=2)
     logs = "".join(f"\n--- {n}:\n{read_log(out / n)[-3000:]}" for n in ("record.log", "top.log")
                    if (out / n).exists())
     assert r.returncode == 0, f"guest run failed ({r.returncode}):\n{r.stderr[-4000:]}\n{r.stdout[-2000:]}{logs}"
-    return {"out": out, "run": json.loads((out / "run.json").read_text()),
+    return {"out": out, "kernel": kernel, "run": json.loads((out / "run.json").read_text()),
             "lines": [json.loads(x) for x in (out / "top.jsonl").read_text().splitlines()],
             "klines": [json.loads(x) for x in (out / "topk.jsonl").read_text().splitlines()],
             "trace": read_trace(out / "trace.ndjson"), "top_trace": read_trace(out / "top.ndjson")}
@@ -159,3 +158,48 @@ def test_in_kernel_top_agrees_with_the_every_event_top(live_run):
     strip = [{f: s[f] for f in ("slot", "key", "refs", "state", "lru", "programs")} for s in fb_k["slots"]]
     assert strip == [{f: s[f] for f in ("slot", "key", "refs", "state", "lru", "programs")} for s in fb_ev["slots"]]
     assert fb_k["num_slots"] == SLOTS and fb_k["slots"][0]["programs"] == k["programs"]
+
+
+# -- the waits scenario end to end (the recorded trace) --------------------------------
+
+
+def test_waits_trace_agrees_and_a_get_waited(live_run):
+    trace = live_run["trace"]
+    r = check(trace)
+    assert r.verdict is Verdict.AGREE and r.lost == 0, r.divergence and r.divergence.reason
+    [fb] = [e.profile for e in trace.events if e.kind.name == "profile_init" and e.device == "blk-crypto-fallback"]
+    programs = [e for e in trace.events if e.kind.name == "program_call" and e.profile == fb]
+    assert len({p.key for p in programs}) >= 3 and {p.slot for p in programs} == {0}
+    get_calls = [e for e in trace.events if e.kind.name == "get_call" and e.profile == fb]
+    puts = [e for e in trace.events if e.kind.name == "put_call" and e.profile == fb]
+    assert waited(get_calls, programs, puts), "no get waited for the single slot"
+
+
+def waited(get_calls, programs, puts):
+    """Some miss could program the single slot only after another thread released it
+    during that get: the get had to wait for the slot."""
+    for prog in programs:
+        call = max((c.t for c in get_calls if c.tid == prog.tid and c.t < prog.t), default=None)
+        if call is not None and any(p.tid != prog.tid and call < p.t < prog.t for p in puts):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("kind", ["slot", "drop-put", "evict-result"])
+def test_mutated_waits_trace_diverges(live_run, kind):
+    assert_mutation_caught((live_run["out"] / "trace.ndjson").read_bytes(), kind, seed=7)
+
+
+def test_waits_row_of_the_matrix(live_run):
+    """The waits scenario in the README's table: the every-event top's -o trace (auto:
+    fentry on 6.x) and record's (kprobes on 6.x; both kprobes on 5.10)."""
+    from tests.vm.matrix import write_result
+
+    k = live_run["kernel"]
+    traces = {k.probe_types[0]: live_run["top_trace"], k.probe_types[-1]: live_run["trace"]}
+    cells = {t: {"verdict": check(tr).verdict.name, "missed": kernel_misses(tr, 0, tr.events[-1].t)}
+             for t, tr in traces.items()}
+    write_result(k.generation, {"scenarios": {"waits": {"expected": "AGREE", "cells": cells}}})
+    used = {t: tr.header.extra["probe_type"] for t, tr in traces.items()}
+    assert used == ({"auto": "kprobe"} if k.generation == "5.10" else {"fentry": "fentry", "kprobe": "kprobe"})
+    assert {c["verdict"] for c in cells.values()} == {"AGREE"}, cells

@@ -230,8 +230,8 @@ def run_in_vm(
 
 def run_guest_script(name: str, text: str, args: Sequence[str] = (), *, cmdline: Sequence[str] = (),
                      timeout: float = 3600) -> Path:
-    """Benchmarks: boot the test kernel (built by build-kernel.sh if need be) and run
-    ``text`` with the repo's venv python as ``SCRIPT OUT ARGS...``, where OUT is
+    """Benchmarks: boot the 6.1 test kernel (built by build-kernel.sh if need be) and run
+    ``text`` with tests/run's venv python as ``SCRIPT OUT ARGS...``, where OUT is
     CACHE_ROOT/NAME (kept between runs), shared read-write. Returns OUT; raises
     VMError if the script fails."""
     build = subprocess.run([str(Path(__file__).with_name("build-kernel.sh"))], capture_output=True, text=True)
@@ -241,7 +241,9 @@ def run_guest_script(name: str, text: str, args: Sequence[str] = (), *, cmdline:
     out.mkdir(parents=True, exist_ok=True)
     script = out / "guest.py"
     script.write_text(text)
-    python = Path(__file__).resolve().parent.parent.parent / ".venv/bin/python"
+    # tests/run's venv: Debian's python3 with its site-packages, where bcc imports
+    python = Path(os.environ.get("KEYSLOT_TRACE_VENV", Path(__file__).resolve().parent.parent.parent / ".venv-tests"))
+    python = python.absolute() / "bin" / "python"
     cmd = " ".join(shlex.quote(str(x)) for x in (python, script, out, *args))
     r = run_in_vm(cmd, kernel=Path(build.stdout.split()[-1]), timeout=timeout, cmdline=list(cmdline),
                   rwdirs=[out], memory="2G", cpus=2)

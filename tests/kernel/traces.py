@@ -1,0 +1,118 @@
+"""Reading real traces in the VM tests: scenario windows, and whether two traces of the
+same run (two recorders, two attach mechanisms) saw the same history."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+from replay.checker import Verdict
+from replay.mutate import dump_records, load_records
+from replay.trace import Event, Trace
+
+# What the kernel did, as opposed to what the recorder says about itself (lost markers,
+# profile_attach) or about names (profile_register).
+OPERATION_KINDS = {"get_call", "get_return", "put_call", "put_return", "evict_call", "evict_return",
+                   "program_call", "program_return", "drv_evict_call", "drv_evict_return", "reprogram_call",
+                   "reprogram_return", "profile_init", "profile_destroy"}
+
+
+def in_window(trace: Trace, start: int, end: int, kind: str | None = None, profiles=None) -> list[Event]:
+    return [e for e in trace.events if start <= e.t <= end and (kind is None or e.kind.name == kind)
+            and (profiles is None or e.profile in profiles)]
+
+
+def window_bytes(data: bytes, start: int, end: int) -> bytes:
+    """The header and the events of [start, end] of a trace file, as a trace that starts
+    as if the recorder had attached at ``start``: a profile created earlier (the
+    fallback, shared by every scenario) gets the profile_attach record would write, so
+    it starts in an unknown state instead of an unknown size."""
+    header, records = load_records(data)
+    live: dict[str, dict] = {}
+    for r in records:
+        if r["t"] >= start:
+            break
+        if r["ev"] in ("profile_init", "profile_attach"):
+            live[r["p"]] = {"num_slots": r["num_slots"], **({"device": r["device"]} if r.get("device") else {})}
+        elif r["ev"] == "profile_register" and r["p"] in live:
+            live[r["p"]]["device"] = r["device"]
+        elif r["ev"] == "profile_destroy":
+            live.pop(r["p"], None)
+    attach = [{"t": start, "cpu": 0, "tid": 0, "ev": "profile_attach", "p": p, **info} for p, info in live.items()]
+    return dump_records(header, attach + [r for r in records if start <= r["t"] <= end])
+
+
+def kernel_misses(trace: Trace, start: int, end: int) -> int:
+    """Probe hits the kernel skipped in [start, end] and the recorder reported (lost
+    markers with a window: kprobe re-entry, BPF recursion; tracer/record.py MissCounters)."""
+    return sum(e.count or 0 for e in trace.events if e.kind.name == "lost" and e.since is not None
+               and e.since <= end and e.t >= start)
+
+
+def verdict_is_sound(verdict: Verdict, missed: int) -> bool:
+    """AGREE, or UNKNOWN because the recorder reported probe hits the kernel skipped:
+    never DIVERGED, and never UNKNOWN for another reason."""
+    return verdict is Verdict.AGREE or (verdict is Verdict.UNKNOWN and missed > 0)
+
+
+def _outcome(e: Event) -> tuple:
+    return (e.kind.name, e.slot, e.result, e.num_slots)
+
+
+def history_differences(a: Trace, b: Trace, start: int, end: int) -> list[str]:
+    """How two traces of the same kernel activity in [start, end] differ, as sentences
+    (empty: they agree). The traces' fingerprints are salted per recording, so keys and
+    profiles are matched by position: the mapping must be one-to-one.
+
+    Gets, evicts, reprograms, the driver callbacks inside them and profile life cycle
+    run in task context: compared per thread, in order (a thread's operations are
+    sequential; dm's nested evicts too). Puts also run from interrupts (request
+    completion), and an interrupt lands on whichever task it interrupts (its tid, or 0
+    in every CPU's idle task) and may fall between the two recorders' probes on one
+    function: puts are compared as a multiset per thread."""
+    problems = []
+    mapping: dict[str, dict[str, str]] = {"key": {}, "profile": {}}
+
+    def same(kind: str, x: str | None, y: str | None, where: str) -> None:
+        if (x is None) != (y is None):
+            problems.append(f"{where}: {kind} {x} vs {y}")
+            return
+        if x is None:
+            return
+        fwd, back = mapping[kind], mapping.setdefault(kind + "-back", {})
+        if fwd.setdefault(x, y) != y or back.setdefault(y, x) != x:
+            problems.append(f"{where}: {kind} {x} is {fwd[x]} elsewhere, here {y}")
+
+    # what a recorder reported missing is no difference: leave its loss windows out
+    gaps = [(e.since, e.t) if e.since is not None else (e.t, float("inf")) for tr in (a, b) for e in tr.events
+            if e.kind.name == "lost"]
+
+    def threads(trace: Trace):
+        seqs, puts = defaultdict(list), defaultdict(Counter)
+        for e in trace.events:
+            if any(lo <= e.t <= hi for lo, hi in gaps):
+                continue
+            if start <= e.t <= end and e.kind.name in OPERATION_KINDS:
+                if e.kind.name in ("put_call", "put_return"):
+                    puts[e.tid][_outcome(e)] += 1
+                else:
+                    seqs[e.tid].append(e)
+        return seqs, puts
+
+    (sa, ia), (sb, ib) = threads(a), threads(b)
+    if set(sa) != set(sb):
+        problems.append(f"threads only in one trace: {sorted(set(sa) ^ set(sb))[:10]}")
+    for tid in sorted(set(sa) & set(sb)):
+        xs, ys = sa[tid], sb[tid]
+        if [_outcome(e) for e in xs] != [_outcome(e) for e in ys]:
+            n = next((i for i, (x, y) in enumerate(zip(xs, ys)) if _outcome(x) != _outcome(y)), min(len(xs), len(ys)))
+            problems.append(f"tid {tid}: {len(xs)} vs {len(ys)} events, first difference at #{n}: "
+                            f"{_outcome(xs[n]) if n < len(xs) else None} vs {_outcome(ys[n]) if n < len(ys) else None}")
+            continue
+        for x, y in zip(xs, ys):
+            where = f"tid {tid} {x.kind.name} at {x.t}"
+            same("key", x.key, y.key, where)
+            same("profile", x.profile, y.profile, where)
+    for tid in sorted(set(ia) | set(ib)):
+        if ia[tid] != ib[tid]:
+            problems.append(f"tid {tid}: puts differ: {dict(ia[tid] - ib[tid])} vs {dict(ib[tid] - ia[tid])}")
+    return problems
