@@ -255,6 +255,7 @@ class Recorder:
         is looked at for inits first. A new profile's operations are then held
         back until attach_late_drivers knows whether they are complete."""
         self.bpf.perf_buffer_poll(timeout=timeout_ms)
+        read_t = time.monotonic_ns()  # every event of this read happened before now
         read, self._read = self._read, []
         for e in read:
             if isinstance(e, RawEvent) and e.kind == EventKind.profile_init:
@@ -263,7 +264,12 @@ class Recorder:
                 self._new_profiles[e.profile] = e.ts_ns
         for e in read:
             if not isinstance(e, RawEvent):
-                self.decoder.lost(e[0], e[1], self._start_t)
+                # A full perf buffer drops that CPU's events from the last one read from it
+                # until the reader catches up, while the other CPUs' keep arriving: the
+                # loss lies in [that CPU's last event, this read], a window for replay.
+                cpu = e[0]
+                self.decoder.lost(cpu, e[1], self._start_t, at=read_t,
+                                  since=self.decoder.last_t.get(cpu, self._start_t), why="perf-buffer")
                 continue
             if e.kind == EventKind.profile_destroy:
                 self._destroyed = True
