@@ -41,7 +41,20 @@ EBUSY = -16
 ENOKEY = -126
 EIO = -5
 
-UNK = "?"  # key of a slot whose content has not been observed
+class _Unobserved:
+    """The key of a slot whose content has not been observed. Not a string: keys from a
+    trace are strings, and any string (even "?") is a legal one."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNK"
+
+    def __reduce__(self) -> str:
+        return "UNK"  # pickles as this module's singleton
+
+
+UNK = _Unobserved()
 
 KNOWN, IDLE_UNPLACED, BOUNDED = 0, 1, 2
 
@@ -218,8 +231,8 @@ def step(state: State, op: Op, flavour: str) -> Step:
         return _step_get(state, op, flavour)
     if isinstance(op, Put):
         if op.incomplete:  # it may have taken effect before the events around it were lost
-            return _ok(*dict.fromkeys((state, *_step_put(state, op._replace(incomplete=False)).states)))
-        return _step_put(state, op)
+            return _ok(*dict.fromkeys((state, *_step_put(state, op._replace(incomplete=False), flavour).states)))
+        return _step_put(state, op, flavour)
     if isinstance(op, Evict):
         return _step_evict(state, op, flavour)
     if op.incomplete:  # reprogram changes nothing; what it saw may predate lost events: learn nothing
@@ -236,8 +249,10 @@ def _step_get(state: State, op: Get, flavour: str) -> Step:
     if n == 0:  # rule 6: passthrough get succeeds with no slot, no driver call
         if op.program is not None:
             return _bad(f"get {key} on a passthrough profile called the driver's program (slot {op.program.slot})")
-        if op.status not in (0, None) or op.slot is not None:
-            return _bad(f"get {key} on a passthrough profile returned {_outcome(op)}, expected success with no slot")
+        expected = _passthrough_slot(flavour)
+        if op.status not in (0, None) or op.slot not in ((expected, None) if op.status is None else (expected,)):
+            return _bad(f"get {key} on a passthrough profile returned {_outcome(op)}, expected success with "
+                        + ("slot 0 (keyslot_manager's passthrough value)" if flavour == "android" else "no slot"))
         return _ok(state)
     if op.incomplete:
         return _step_get_incomplete(state, op, flavour)
@@ -334,11 +349,17 @@ def _possible_gets(state: State, op: Get):
         yield Get(key, 0, v, Program(v, key, 0))
 
 
-def _step_put(state: State, op: Put) -> Step:
+def _passthrough_slot(flavour: str) -> int | None:
+    """What a passthrough get returns as its slot (rule 6): NULL on mainline; on Android's
+    keyslot_manager the integer 0, which the bio then carries to its put."""
+    return 0 if flavour == "android" else None
+
+
+def _step_put(state: State, op: Put, flavour: str) -> Step:
     """Rule 5: refs -= 1; at 0 the slot joins the idle-list tail."""
     s = op.slot
-    if state.num_slots == 0:  # rule 6
-        if s is not None:
+    if state.num_slots == 0:  # rule 6: a no-op
+        if s != _passthrough_slot(flavour) and s is not None:
             return _bad(f"put of slot {s} on a passthrough profile, which has no slots")
         return _ok(state)
     if s is None:
@@ -491,7 +512,8 @@ def allowed(state: State, op: Op, flavour: str) -> list[str]:
     n = state.num_slots
     if isinstance(op, Get):
         if n == 0:
-            return ["success with no slot (passthrough)"]
+            return ["success with slot 0 (keyslot_manager passthrough)" if flavour == "android"
+                    else "success with no slot (passthrough)"]
         s = _key_slot(state, op.key)
         if s is not None:
             return [f"hit on slot {s}"]

@@ -241,8 +241,8 @@ class _Thread:
     def _get(self, p: _Profile, key: str, start_line: int) -> Iterator:
         s = self.sim
         yield "sleep", s.small()
-        if p.n == 0:  # rule 6
-            s.emit(self, "get_return", p, key=key, status=0, slot=None)
+        if p.n == 0:  # rule 6: NULL on mainline, the integer 0 on Android's keyslot_manager
+            s.emit(self, "get_return", p, key=key, status=0, slot=0 if s.w.semantics == "android" else None)
             return -1
         while True:
             yield "lock", p

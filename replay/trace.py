@@ -156,8 +156,10 @@ def _parse_header(path: str, obj: Any) -> Header:
     if not isinstance(obj.get("profiles") or [], list):
         raise TraceFormatError(path, 1, f"header: 'profiles' must be a list, got {obj['profiles']!r}")
     for p in obj.get("profiles") or ():
-        if not isinstance(p, dict) or not isinstance(p.get("id"), str) or not isinstance(p.get("num_slots"), int):
+        if not isinstance(p, dict) or not isinstance(p.get("id"), str) or type(p.get("num_slots")) is not int:
             raise TraceFormatError(path, 1, f"header: bad profile entry {p!r} (needs id and num_slots)")
+        if p["num_slots"] < 0:
+            raise TraceFormatError(path, 1, f"header: profile {p['id']}: num_slots must be >= 0, got {p['num_slots']}")
         profiles.append(ProfileInfo(p["id"], p["num_slots"], p.get("device")))
     known = {"format", "version", "tool", "kernel", "api", "semantics", "clock", "host", "start_time", "profiles"}
     return Header(

@@ -188,13 +188,6 @@ def test_a_loss_known_only_later_is_unknown_with_its_window_and_diverged_without
     assert check(_trace(_MISSED_PUT + [{**marker, "t": 60, "since": 45}])).verdict is Verdict.DIVERGED
 
 
-def test_since_must_lie_before_t():
-    from replay.trace import TraceFormatError
-
-    with pytest.raises(TraceFormatError, match="'since' must be"):
-        _trace([{"t": 5, "cpu": 0, "tid": 0, "ev": "lost", "p": None, "count": 1, "since": 9}])
-
-
 @pytest.mark.parametrize("seed", range(1, 9))
 def test_scattered_losses_reported_later_never_diverge(seed):
     """Recursion misses: single events (a put's call and return, or a program callback)

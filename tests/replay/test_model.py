@@ -204,3 +204,41 @@ def test_unknown_state_still_rejects_the_impossible():
     s = one(s, miss("A", 0))
     s = one(s, Evict("A", 0, None).__class__("A", EBUSY, None))  # A is held: busy
     assert "not cached" in rejected(s, hit("A", 0))  # unlinked by the busy evict (6.4+)
+
+
+def test_a_key_named_like_the_unobserved_sentinel_is_just_a_key():
+    """Any string is a legal key in a trace, "?" too (the sentinel for an unobserved slot
+    used to be that string). On a profile attached mid-stream: get ? misses into slot 1,
+    put, evict. Nothing here is wrong, whatever the key is called; the model once took
+    "?" for already cached in the unobserved slot 0 and said DIVERGED."""
+    import orjson
+
+    from replay.checker import Verdict, check
+    from replay.trace import parse_trace
+
+    def trace(key):
+        events = [("profile_attach", {"num_slots": 2}), ("get_call", {"key": key}),
+                  ("program_call", {"key": key, "slot": 1}), ("program_return", {"key": key, "slot": 1, "result": 0}),
+                  ("get_return", {"key": key, "status": 0, "slot": 1}), ("put_call", {"slot": 1}),
+                  ("put_return", {"slot": 1}), ("evict_call", {"key": key}),
+                  ("drv_evict_call", {"key": key, "slot": 1}), ("drv_evict_return", {"key": key, "slot": 1, "result": 0}),
+                  ("evict_return", {"key": key, "result": 0})]
+        header = {"format": "keyslot-trace", "version": "1.0", "kernel": "t", "api": "blk_crypto",
+                  "semantics": "mainline-unlink", "profiles": []}
+        lines = [header] + [{"t": i, "cpu": 0, "tid": 1, "ev": ev, "p": "p1", **f} for i, (ev, f) in enumerate(events)]
+        return parse_trace(b"".join(orjson.dumps(x) + b"\n" for x in lines))
+
+    assert check(trace("k1")).verdict is Verdict.AGREE
+    r = check(trace("?"))
+    assert r.verdict is Verdict.AGREE, r.divergence and r.divergence.reason
+
+
+def test_android_passthrough_get_returns_slot_0():
+    """Rule 6: keyslot_manager's passthrough get returns the integer 0 (not a real slot),
+    and the bio's put passes it back as a no-op; mainline returns NULL."""
+    s = initial_state(0)
+    assert step(s, Get("A", 0, 0, None), "android").states == (s,)
+    assert step(s, Put(0), "android").states == (s,)
+    assert "slot 0" in step(s, Get("A", 0, None, None), "android").reason
+    assert not step(s, Get("A", 0, 0, None), "mainline-unlink").states
+    assert step(s, Get("A", 0, None, None), "mainline-unlink").states == (s,)
