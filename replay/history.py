@@ -59,6 +59,7 @@ class OpRecord:
     subs: list[Event] = field(default_factory=list)
     incomplete: bool = False  # events of it may have been lost
     op: object = None  # the model operation (replay.model.Get/Put/...)
+    impossible: str | None = None  # no kernel makes these events (unless a loss window covers them)
 
     @property
     def call_t(self) -> int:
@@ -79,23 +80,49 @@ class ProfileHistory:
     points: list[tuple] = field(default_factory=list)  # (t, order, kind, payload)
     events: list[Event] = field(default_factory=list)
     n_ops: int = 0
+    # events missing with no loss reported (a return never seen, a call never seen):
+    # they cap the verdict at UNKNOWN, with the first as the reason
+    unexplained: list[str] = field(default_factory=list)
+    init_t: int | None = None  # the last profile_init
 
 
 def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
     profiles: dict[str, ProfileHistory] = {
         p.id: ProfileHistory(p.id, p.num_slots, p.device, False) for p in header.profiles
     }
-    # (tid, profile) -> the operation in flight. A thread runs one operation
-    # at a time on a profile; nesting happens only across profiles (dm's
-    # evict callback evicting from the disks below it).
-    open_ops: dict[tuple, OpRecord] = {}
+    # thread_key -> the operations in flight on it, innermost last. A task runs one
+    # operation at a time on a profile (dm's evict callback evicts from the disks
+    # below: other profiles). But a request can complete in an interrupt, which runs
+    # on the task it interrupted: a put may open inside that task's get. And pid 0 is
+    # every CPU's idle task at once, so its operations are told apart by CPU (as the
+    # probes keep their frames).
+    open_ops: dict[tuple, list[OpRecord]] = {}
     ids = 0
+    last_marker_t = -1  # the last lost marker without a window: events before it may be missing
+    thread_last: dict[tuple, int] = {}  # thread_key -> time of its last call seen
+
+    def all_seen(h: ProfileHistory, k: tuple) -> str | None:
+        """Why this thread's operation on this profile cannot have begun unseen: the
+        profile was created in the trace, or the thread's earlier calls on it were
+        seen, with no loss reported since. None: it may have begun before the trace
+        (attach anytime) or in a loss."""
+        if h.init_t is not None and h.init_t > last_marker_t:
+            return "the profile was created in the trace"
+        if thread_last.get(k, -1) > last_marker_t:
+            return "this thread's earlier calls on the profile were seen"
+        return None
 
     def hist(pid: str) -> ProfileHistory:
         h = profiles.get(pid)
         if h is None:
             h = profiles[pid] = ProfileHistory(pid, None, None, False)
         return h
+
+    def never_returned(h: ProfileHistory, rec: OpRecord, t: int, why: str) -> None:
+        rec.incomplete = True
+        h.unexplained.append(f"the return of the {rec.kind} at line {rec.line} was never seen ({why}) "
+                             "and no loss was reported")
+        _finish(h, rec, None, t)
 
     for ev in events:
         kind = ev.kind
@@ -110,13 +137,19 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
                 if ev.since is not None:
                     h.points.append((ev.since, 0, RESYNC, ev))
                 h.points.append((ev.t, 2, RESYNC, ev))
-            for rec in open_ops.values():
-                rec.incomplete = True
+            for stack in open_ops.values():
+                for rec in stack:
+                    rec.incomplete = True
+            if ev.since is None:
+                last_marker_t = ev.t
             continue
         h = hist(ev.profile)
         h.events.append(ev)
+        k = thread_key(ev)
+        stack = open_ops.setdefault(k, [])
+        seen_before = all_seen(h, k)
         if kind is EventKind.profile_init:
-            h.num_slots, h.from_start = ev.num_slots, True
+            h.num_slots, h.from_start, h.init_t = ev.num_slots, True, ev.t
             h.device = ev.device or h.device
             h.points.append((ev.t, 0, INIT, ev))
         elif kind is EventKind.profile_attach:
@@ -130,43 +163,73 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
         elif kind is EventKind.profile_destroy:
             h.points.append((ev.t, 1, DESTROY, ev))
         elif kind in _OPENERS:
-            k = (ev.tid, ev.profile)
-            stale = open_ops.pop(k, None)
-            if stale is not None:  # its return was lost: the thread has moved on
-                stale.incomplete = True
-                _finish(h, stale, None, ev.t)
+            thread_last[k] = ev.t  # from here on this thread's operations on the profile are seen whole
+            if kind is not EventKind.put_call or any(r.kind == "put" for r in stack):
+                # a get, evict or reprogram_all cannot begin inside another operation of its
+                # thread: those never returned (a put can, in an interrupt)
+                while stack:
+                    never_returned(h, stack.pop(), ev.t, "the thread's next call came first")
             ids += 1
             rec = OpRecord(ids, _OPENERS[kind], ev.profile, ev.tid, ev.cpu, ev)
-            open_ops[k] = rec
+            stack.append(rec)
             h.points.append((ev.t, 0, CALL, rec))
         elif kind in _CLOSERS:
-            k = (ev.tid, ev.profile)
-            rec = open_ops.pop(k, None)
-            if rec is not None and rec.kind != _CLOSERS[kind]:  # the open one lost its return
-                rec.incomplete = True
-                _finish(h, rec, None, ev.t)
-                rec = None
-            if rec is None:
+            name = _CLOSERS[kind]
+            i = next((i for i in range(len(stack) - 1, -1, -1) if stack[i].kind == name), None)
+            if i is not None:
+                while len(stack) > i + 1:  # opened after it, still open: their returns were missed
+                    never_returned(h, stack.pop(), ev.t, f"the {name} it was inside returned first")
+                _finish(h, stack.pop(), ev, ev.t)
+            else:
                 # Its call happened before the trace started (or was lost): the
                 # operation may have taken effect at any time before now.
+                if seen_before:
+                    h.unexplained.append(f"the {name} returning at line {ev.line} has no call "
+                                         f"({seen_before}) and no loss was reported")
                 ids += 1
-                rec = OpRecord(ids, _CLOSERS[kind], ev.profile, ev.tid, ev.cpu, None, incomplete=True)
+                rec = OpRecord(ids, name, ev.profile, ev.tid, ev.cpu, None, incomplete=True)
                 h.points.append((_first_t(h, ev.t), 0, CALL, rec))
-            _finish(h, rec, ev, ev.t)
+                _finish(h, rec, ev, ev.t)
         else:  # driver callback inside an operation on this thread and profile
-            parent = open_ops.get((ev.tid, ev.profile))
-            if parent is not None and parent.kind in _PARENTS[kind]:
+            # puts make no callbacks: an interrupt's put open above the task's get is not its parent
+            parent = next((r for r in reversed(stack) if r.kind != "put"), None)
+            what = "program" if kind in (EventKind.program_call, EventKind.program_return) else "evict"
+            if parent is not None and parent.incomplete:
+                parent.subs.append(ev)  # events of it may be missing: nothing it shows is impossible
+            elif parent is not None and parent.kind in _PARENTS[kind]:
+                if (kind is EventKind.program_call and parent.kind == "get"
+                        and any(s.kind is EventKind.program_call for s in parent.subs)):
+                    parent.impossible = parent.impossible or (
+                        f"get {parent.call.key if parent.call else ''} called the driver's program a second time "
+                        f"(slot {ev.slot}, line {ev.line}): a get programs at most once (rule 3)")
                 parent.subs.append(ev)
-            elif parent is not None:  # a callback its open operation cannot make: events were lost
-                parent.incomplete = True
-            # A callback outside any operation: its parent's call predates the
-            # trace; nothing to attach it to.
-    for rec in open_ops.values():  # still in flight at the end of the trace: it may or may not have taken effect
-        rec.incomplete = True
-        rec.op = to_model_op(rec)
+            elif parent is not None:
+                parent.impossible = parent.impossible or (
+                    f"{parent.kind} called the driver's {what} callback (line {ev.line}): only get and "
+                    "reprogram_all program a slot, only evict evicts one")
+            elif kind is EventKind.drv_evict_call and ev.key is None:
+                pass  # rule 9: a driver clearing its slots at probe is no manager operation
+            elif seen_before and kind in (EventKind.program_call, EventKind.drv_evict_call):
+                # No operation of this thread is open for it, and none can have begun unseen.
+                ids += 1
+                rec = OpRecord(ids, "callback", ev.profile, ev.tid, ev.cpu, ev, ev, [ev], impossible=(
+                    f"the driver's {what} callback at line {ev.line} ran outside any get, evict or "
+                    f"reprogram_all of its thread ({seen_before}, no loss reported)"))
+                h.points.append((ev.t, 1, RETURN, rec))  # no CALL: it is no operation to linearize
+            # Otherwise its parent's call predates the trace, or a loss: nothing to attach it to.
+    for stack in open_ops.values():  # still in flight at the end of the trace: it may or may not have taken effect
+        for rec in stack:
+            rec.incomplete = True
+            rec.op = to_model_op(rec)
     for h in profiles.values():
         h.points.sort(key=lambda p: (p[0], p[1]))
     return profiles
+
+
+def thread_key(ev: Event) -> tuple:
+    """Whose operations an event belongs to: the thread on the profile, and for pid 0
+    (every CPU's idle task) the CPU too."""
+    return (ev.tid, ev.cpu if ev.tid == 0 else None, ev.profile)
 
 
 def _first_t(h: ProfileHistory, t: int) -> int:
@@ -188,6 +251,8 @@ def _finish(h: ProfileHistory, rec: OpRecord, ret: Event | None, t: int) -> None
 
 def to_model_op(rec: OpRecord):
     """The model's view of an operation: its input and the outcome the kernel showed."""
+    if rec.kind == "callback":
+        return None  # not an operation: the checker only reports it (rec.impossible)
     call, ret, inc = rec.call, rec.ret, rec.incomplete
     if rec.kind == "get":
         key = (call or ret).key

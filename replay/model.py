@@ -475,7 +475,14 @@ def _step_reprogram(state: State, op: Reprogram) -> Step:
         p, k = by_slot.get(s), keys[s]
         if k == UNK:
             if p is not None:
-                keys[s] = p.key  # learn the slot's content
+                # learn the slot's content, if the key can be there: one slot per key,
+                # and not a key known to be uncached
+                if p.key in keys:
+                    return _bad(f"reprogram_all programmed slot {s} with {p.key}, but {p.key} is in slot "
+                                f"{keys.index(p.key)}")
+                if p.key in state.gone:
+                    return _bad(f"reprogram_all programmed slot {s} with {p.key}, which is known not to be cached")
+                keys[s] = p.key
             else:
                 keys[s] = None  # not reprogrammed, so it holds no key
         elif p is None and k is not None:
