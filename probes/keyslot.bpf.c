@@ -75,11 +75,27 @@ struct frame {
 	u8 full_at_call; /* get: no slot was idle when it was called */
 };
 struct frame_key {
-	u32 tid;
+	u64 thread; /* thread_key() */
 	u32 depth;
+	u32 pad;
 };
-BPF_HASH(depth, u32, u32, 16384);
+BPF_HASH(depth, u64, u32, 16384);
 BPF_HASH(frames, struct frame_key, struct frame, 16384);
+
+/*
+ * Whose frame stack a probe uses. A task's calls nest on its own stack, and an
+ * interrupt that completes a request runs on the stack of the task it interrupted,
+ * which cannot run elsewhere meanwhile: a nested, well-bracketed call. But pid 0 is
+ * every CPU's idle task at once, so interrupts on two idle CPUs would share one stack
+ * and pop each other's frames (put_return reporting the other CPU's slot): the idle
+ * task's stack is per CPU. (A task proper may sleep in get and wake on another CPU,
+ * so its stack cannot be.)
+ */
+static __always_inline u64 thread_key(void)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	return tid ? tid : (1ULL << 63) | bpf_get_smp_processor_id();
+}
 
 static __always_inline u32 profile_num_slots(u64 profile)
 {
@@ -121,33 +137,56 @@ static __always_inline void emit(void *ctx, u32 kind, struct frame *f, s32 resul
 	events.perf_submit(ctx, &e, sizeof(e));
 }
 
-static __always_inline void push(struct frame *f)
+/* Returns 0 when the frame could not be saved (too deep, or the maps are full): the
+ * caller then sends no CALL either, so no return is waited for that never comes. */
+static __always_inline int push(struct frame *f)
 {
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	u32 zero = 0, *d = depth.lookup_or_try_init(&tid, &zero);
+	u64 thread = thread_key();
+	u32 zero = 0, *d = depth.lookup_or_try_init(&thread, &zero);
 	if (!d || *d >= KS_MAX_DEPTH)
-		return;
-	struct frame_key k = {tid, *d};
-	frames.update(&k, f);
+		return 0;
+	struct frame_key k = {.thread = thread, .depth = *d};
+	if (frames.update(&k, f))
+		return 0;
 	(*d)++;
+	return 1;
 }
 
-/* Returns 0 when the entry was not seen (attached mid-call, or too deep). */
-static __always_inline int pop(struct frame *out)
+/* The frame of the innermost open ``kind`` call. Calls opened after it whose
+ * returns were missed (a kretprobe out of instances, counted by the kernel) are
+ * over: their frames are dropped. Returns 0, popping nothing, when there is no such
+ * call (its entry was not seen: attached mid-call, or too deep). */
+static __always_inline int pop(struct frame *out, u32 kind)
 {
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	u32 *d = depth.lookup(&tid);
+	u64 thread = thread_key();
+	u32 *d = depth.lookup(&thread);
 	if (!d || *d == 0)
 		return 0;
-	(*d)--;
-	struct frame_key k = {tid, *d};
-	struct frame *f = frames.lookup(&k);
-	if (!f)
+	u32 top = *d, found = 0;
+#pragma unroll
+	for (u32 i = 1; i <= KS_MAX_DEPTH; i++) {
+		if (i > top)
+			break;
+		struct frame_key k = {.thread = thread, .depth = top - i};
+		struct frame *f = frames.lookup(&k);
+		if (f && f->kind == kind) {
+			*out = *f;
+			found = i;
+			break;
+		}
+	}
+	if (!found)
 		return 0;
-	*out = *f;
-	frames.delete(&k);
+#pragma unroll
+	for (u32 i = 1; i <= KS_MAX_DEPTH; i++) {
+		if (i > found)
+			break;
+		struct frame_key k = {.thread = thread, .depth = top - i};
+		frames.delete(&k);
+	}
+	*d = top - found;
 	if (*d == 0)
-		depth.delete(&tid);
+		depth.delete(&thread);
 	return 1;
 }
 
@@ -207,11 +246,11 @@ static __always_inline int idle_list_empty(u64 profile)
 /* the frame of the call this thread is inside, if any */
 static __always_inline struct frame *caller_frame(void)
 {
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	u32 *d = depth.lookup(&tid);
+	u64 thread = thread_key();
+	u32 *d = depth.lookup(&thread);
 	if (!d || *d == 0)
 		return NULL;
-	struct frame_key k = {tid, *d - 1};
+	struct frame_key k = {.thread = thread, .depth = *d - 1};
 	return frames.lookup(&k);
 }
 
@@ -318,15 +357,20 @@ static __always_inline int op_entry(void *ctx, u32 kind, u64 profile, u64 key, u
 	if (profile)
 		f.num_slots = profile_num_slots(profile);
 	aggregate_entry(&f);
-	push(&f);
-	emit(ctx, kind, &f, 0);
+	if (push(&f))
+		emit(ctx, kind, &f, 0);
 	return 0;
 }
 
+/* ``kind`` is the *_RETURN kind; its call kind is one less (keyslot_events.h) */
+_Static_assert(KS_GET_RETURN == KS_GET_CALL + 1 && KS_PUT_RETURN == KS_PUT_CALL + 1 &&
+	       KS_EVICT_RETURN == KS_EVICT_CALL + 1 && KS_PROGRAM_RETURN == KS_PROGRAM_CALL + 1 &&
+	       KS_DRV_EVICT_RETURN == KS_DRV_EVICT_CALL + 1 && KS_REPROGRAM_RETURN == KS_REPROGRAM_CALL + 1,
+	       "each *_RETURN kind follows its *_CALL kind");
 static __always_inline int op_return(void *ctx, u32 kind, s32 rc)
 {
 	struct frame f;
-	if (!pop(&f))
+	if (!pop(&f, kind - 1))
 		return 0;
 	aggregate_return(&f, rc);
 	emit(ctx, kind, &f, rc);
@@ -343,7 +387,7 @@ static __always_inline int get_exit(void *ctx, u8 status)
 {
 	struct frame f;
 	u64 slot = 0;
-	if (!pop(&f))
+	if (!pop(&f, KS_GET_CALL))
 		return 0;
 	bpf_probe_read_kernel(&slot, sizeof(slot), (void *)f.ptr);
 	f.slot = slot_index(f.profile, slot);
@@ -402,7 +446,7 @@ int drv_evict_return(struct pt_regs *ctx) { return op_return(ctx, KS_DRV_EVICT_R
 /* -- profile life cycle ------------------------------------------------------------ */
 int init_entry(struct pt_regs *ctx, PROFILE *profile, unsigned int num_slots)
 {
-	struct frame f = {.profile = (u64)profile, .num_slots = num_slots};
+	struct frame f = {.profile = (u64)profile, .num_slots = num_slots, .kind = KS_PROFILE_INIT};
 	push(&f);
 	return 0;
 }
@@ -410,7 +454,7 @@ int init_entry(struct pt_regs *ctx, PROFILE *profile, unsigned int num_slots)
 /* 5.12-5.15: blk_ksm_init_passthrough(ksm) has no slot count: 0 slots */
 int init_passthrough_entry(struct pt_regs *ctx, PROFILE *profile)
 {
-	struct frame f = {.profile = (u64)profile, .num_slots = 0};
+	struct frame f = {.profile = (u64)profile, .num_slots = 0, .kind = KS_PROFILE_INIT};
 	push(&f);
 	return 0;
 }
@@ -419,7 +463,7 @@ static __always_inline int init_exit(void *ctx, int rc)
 {
 	struct frame f;
 	s32 flags = 0;
-	if (!pop(&f) || rc != 0)
+	if (!pop(&f, KS_PROFILE_INIT) || rc != 0)
 		return 0; /* a failed init creates no profile */
 #if KS_FALLBACK_SYM
 	/* The fallback profile is a static struct (5.8-6.4) or a pointer to a
@@ -439,7 +483,7 @@ int init_return(struct pt_regs *ctx) { return init_exit(ctx, (int)PT_REGS_RC(ctx
 int init_passthrough_return(struct pt_regs *ctx)
 {
 	struct frame f;
-	if (pop(&f))
+	if (pop(&f, KS_PROFILE_INIT))
 		emit(ctx, KS_PROFILE_INIT, &f, 0);
 	return 0;
 }
@@ -555,12 +599,13 @@ static __always_inline s32 ks_ret(void *ctx)
 #define KS_FEXIT_drv_evict_return(sym) KRETFUNC_PROBE(sym) \
 	{ return op_return(ctx, KS_DRV_EVICT_RETURN, ks_ret(ctx)); }
 #define KS_FENTRY_init_entry(sym) KFUNC_PROBE(sym) \
-	{ struct frame f = {.profile = ks_arg(ctx, 0), .num_slots = (u32)ks_arg(ctx, 1)}; push(&f); return 0; }
+	{ struct frame f = {.profile = ks_arg(ctx, 0), .num_slots = (u32)ks_arg(ctx, 1), .kind = KS_PROFILE_INIT}; \
+	  push(&f); return 0; }
 #define KS_FEXIT_init_return(sym) KRETFUNC_PROBE(sym) { return init_exit(ctx, ks_ret(ctx)); }
 #define KS_FENTRY_init_passthrough_entry(sym) KFUNC_PROBE(sym) \
-	{ struct frame f = {.profile = ks_arg(ctx, 0)}; push(&f); return 0; }
+	{ struct frame f = {.profile = ks_arg(ctx, 0), .kind = KS_PROFILE_INIT}; push(&f); return 0; }
 #define KS_FEXIT_init_passthrough_return(sym) KRETFUNC_PROBE(sym) \
-	{ struct frame f; if (pop(&f)) emit(ctx, KS_PROFILE_INIT, &f, 0); return 0; }
+	{ struct frame f; if (pop(&f, KS_PROFILE_INIT)) emit(ctx, KS_PROFILE_INIT, &f, 0); return 0; }
 #define KS_FENTRY_destroy_entry(sym) KFUNC_PROBE(sym) { return destroy_enter(ctx, (PROFILE *)ks_arg(ctx, 0)); }
 #define KS_FENTRY_register_entry(sym) KFUNC_PROBE(sym) \
 	{ return register_enter(ctx, (PROFILE *)ks_arg(ctx, 0), (struct request_queue *)ks_arg(ctx, 1)); }

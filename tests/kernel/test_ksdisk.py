@@ -120,6 +120,29 @@ def test_deep_queue_holds_one_slot_many_times(recording):
     assert best >= 2
 
 
+def test_puts_from_interrupts_are_paired_per_cpu(recording):
+    """hold_ms completes requests from an hrtimer, so puts run in interrupt context: on
+    the idle task (pid 0) of either CPU, or on whatever task they interrupt. Each put's
+    return must carry its own call's slot: the probes keep pid 0's frames per CPU (they
+    used to share one stack, and a put_return reported the other CPU's slot)."""
+    for probe_type, trace in recording.traces.items():
+        start, end = recording.window("deep-queue")
+        open_puts, pairs, idle_cpus = {}, 0, set()
+        for e in trace.events:
+            if not start <= e.t <= end or e.kind.name not in ("put_call", "put_return"):
+                continue
+            who = (e.tid, e.cpu if e.tid == 0 else None, e.profile)
+            if e.tid == 0:
+                idle_cpus.add(e.cpu)
+            if e.kind.name == "put_call":
+                open_puts.setdefault(who, []).append(e)
+            elif open_puts.get(who):
+                call = open_puts[who].pop()
+                assert call.slot == e.slot, (probe_type, call, e)
+                pairs += 1
+        assert pairs > 50 and idle_cpus, (probe_type, pairs, idle_cpus)
+
+
 def test_dm_passthrough_evicts_through_dm_down_to_the_disk(recording):
     ev = window(recording, "dm-passthrough")
     disk = profiles(ev, "ksdisk", 4)
