@@ -17,6 +17,7 @@ HEADER_NAME = "keyslot_events.h"
 NO_SLOT = -1
 NAME_LEN = 32
 PROFILE_IS_FALLBACK = 1
+AUX_FALLBACK_SHIFT = 32  # KS_AUX_FALLBACK_SHIFT: aux = num_slots | is_fallback << 32
 HIST_BUCKETS = 40  # KS_HIST_BUCKETS: log2 buckets of nanoseconds
 HIST_SLOT_WAIT, HIST_PROGRAM = 0, 1  # struct ks_hist_key.hist
 

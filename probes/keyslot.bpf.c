@@ -113,6 +113,19 @@ static __always_inline s32 slot_index(u64 profile, u64 slot)
 	return (s32)((slot - (u64)base) / KS_SLOT_SIZE);
 }
 
+/* The fallback profile is a static struct (5.8-6.4) or a pointer to a kzalloc'd one
+ * (6.5+, 6.1.y): match either. */
+static __always_inline int is_fallback(u64 profile)
+{
+#if KS_FALLBACK_SYM
+	u64 ptr = 0;
+	bpf_probe_read_kernel(&ptr, sizeof(ptr), (void *)KS_FALLBACK_SYM);
+	return profile && (profile == KS_FALLBACK_SYM || profile == ptr);
+#else
+	return 0;
+#endif
+}
+
 static __always_inline void emit(void *ctx, u32 kind, struct frame *f, s32 result)
 {
 	struct ks_event e = {};
@@ -128,6 +141,8 @@ static __always_inline void emit(void *ctx, u32 kind, struct frame *f, s32 resul
 	e.profile = f->profile;
 	e.key = f->key;
 	e.aux = f->num_slots;
+	if (kind != KS_PROFILE_INIT && is_fallback(f->profile))
+		e.aux |= 1ULL << KS_AUX_FALLBACK_SHIFT;
 	e.kind = kind;
 	e.cpu = bpf_get_smp_processor_id();
 	e.tid = (u32)id;
@@ -465,14 +480,8 @@ static __always_inline int init_exit(void *ctx, int rc)
 	s32 flags = 0;
 	if (!pop(&f, KS_PROFILE_INIT) || rc != 0)
 		return 0; /* a failed init creates no profile */
-#if KS_FALLBACK_SYM
-	/* The fallback profile is a static struct (5.8-6.4) or a pointer to a
-	 * kzalloc'd one (6.5+, 6.1.y): match either. */
-	u64 ptr = 0;
-	bpf_probe_read_kernel(&ptr, sizeof(ptr), (void *)KS_FALLBACK_SYM);
-	if (f.profile == KS_FALLBACK_SYM || f.profile == ptr)
+	if (is_fallback(f.profile))
 		flags |= KS_PROFILE_IS_FALLBACK;
-#endif
 	aggregate_init(&f);
 	emit(ctx, KS_PROFILE_INIT, &f, flags);
 	return 0;

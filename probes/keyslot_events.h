@@ -40,6 +40,10 @@ enum ks_event_kind { KS_EVENT_KINDS(KS_ENUM_ENTRY) };
 
 /* PROFILE_INIT result flags */
 #define KS_PROFILE_IS_FALLBACK 1 /* the blk-crypto-fallback profile */
+/* aux bit 32 on every other event: its profile is the fallback (aux's low 32 bits are
+ * num_slots). A profile seen first mid-recording is named by it: the fallback exists
+ * long before most recordings, and -d DISK keeps it. */
+#define KS_AUX_FALLBACK_SHIFT 32
 
 #define KS_NAME_LEN 32 /* DISK_NAME_LEN */
 
@@ -53,7 +57,8 @@ struct ks_event {
 	__u64 ts_ns;    /* bpf_ktime_get_ns(): CLOCK_MONOTONIC, nanoseconds */
 	__u64 profile;  /* struct blk_crypto_profile * / blk_keyslot_manager * */
 	__u64 key;      /* struct blk_crypto_key * (key identity; bytes never read) */
-	__u64 aux;      /* num_slots of the profile (PROFILE_INIT and every *_CALL) */
+	__u64 aux;      /* num_slots of the profile (PROFILE_INIT and every *_CALL),
+	                   | 1 << KS_AUX_FALLBACK_SHIFT for the fallback's */
 	__u32 kind;     /* enum ks_event_kind */
 	__u32 cpu;
 	__u32 tid;      /* kernel pid = thread id */

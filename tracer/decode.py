@@ -11,7 +11,7 @@ import hashlib
 import os
 from typing import Any, Callable
 
-from probes.events import NO_SLOT, PROFILE_IS_FALLBACK, EventKind, RawEvent
+from probes.events import AUX_FALLBACK_SHIFT, NO_SLOT, PROFILE_IS_FALLBACK, EventKind, RawEvent
 
 FALLBACK_DEVICE = "blk-crypto-fallback"
 
@@ -102,8 +102,10 @@ class Decoder:
         if kind in _FIRST_SIGHT and e.profile not in self.profiles:
             # A profile from before the recording started: say what it is
             # before its first event, so replay starts it in an unknown state.
-            self.profiles[e.profile] = {"id": pid, "num_slots": e.aux, "device": None, "attached": True}
-            self._write(e, EventKind.profile_attach, pid, num_slots=e.aux)
+            num_slots = e.aux & 0xFFFFFFFF
+            device = FALLBACK_DEVICE if e.aux >> AUX_FALLBACK_SHIFT & 1 else None
+            self.profiles[e.profile] = {"id": pid, "num_slots": num_slots, "device": device, "attached": True}
+            self._write(e, EventKind.profile_attach, pid, num_slots=num_slots, **({"device": device} if device else {}))
         fields: dict[str, Any] = {}
         if kind in _WITH_KEY:
             fields["key"] = self.fp("k", e.key) if e.key else None

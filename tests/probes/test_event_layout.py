@@ -23,6 +23,7 @@ int main(void) {
     printf("const NO_SLOT %d\n", KS_NO_SLOT);
     printf("const NAME_LEN %d\n", KS_NAME_LEN);
     printf("const PROFILE_IS_FALLBACK %d\n", KS_PROFILE_IS_FALLBACK);
+    printf("const AUX_FALLBACK_SHIFT %d\n", KS_AUX_FALLBACK_SHIFT);
     printf("const HIST_BUCKETS %d\n", KS_HIST_BUCKETS);
     printf("const HIST_SLOT_WAIT %d\n", KS_HIST_SLOT_WAIT);
     printf("const HIST_PROGRAM %d\n", KS_HIST_PROGRAM);
@@ -57,7 +58,7 @@ def test_constants_match(c_view):
     import probes.events as ev
 
     consts = {x[1]: int(x[2]) for x in c_view if x[0] == "const"}
-    assert consts == {name: getattr(ev, name) for name in consts} and len(consts) == 6
+    assert consts == {name: getattr(ev, name) for name in consts} and len(consts) == 7
 
 
 def test_counters_match_the_header_and_the_event_aggregator(c_view):

@@ -132,3 +132,15 @@ def test_a_perf_buffer_loss_on_one_cpu_is_a_window_and_replay_is_not_fooled(monk
     # it is seen, so its slot looks busy at the evict: a kernel bug, falsely.
     old = [{"t": 6, "cpu": 1, "tid": 0, "ev": "lost", "p": None, "count": 2} if r["ev"] == "lost" else r for r in out]
     assert check(parse_trace(dumps_events(h, old))).verdict is Verdict.DIVERGED
+
+
+def test_a_fallback_older_than_the_recording_is_kept_by_only_device():
+    """The fallback is set up on first use, usually long before a recording starts: its
+    first event (flagged by the probes, aux bit 32) names it, so -d DISK keeps it."""
+    from probes.events import AUX_FALLBACK_SHIFT
+
+    fallback, other = 0x3000, 0x4000
+    lines = decode([raw("get_call", 10, profile=fallback, key=KEY, aux=4 | 1 << AUX_FALLBACK_SHIFT),
+                    raw("get_call", 11, profile=other, key=KEY, aux=8)], only_device="ksdisk0")
+    assert [(r["ev"], r.get("device"), r.get("num_slots")) for r in lines] == [
+        ("profile_attach", "blk-crypto-fallback", 4), ("get_call", None, None)]
