@@ -507,22 +507,28 @@ static __always_inline int destroy_enter(void *ctx, PROFILE *profile)
 
 int destroy_entry(struct pt_regs *ctx, PROFILE *profile) { return destroy_enter(ctx, profile); }
 
-static __always_inline int register_enter(void *ctx, PROFILE *profile, struct request_queue *q)
+/* A PROFILE_REGISTER naming ``profile``'s disk (none: the name is left empty). */
+static __always_inline void emit_register(void *ctx, u64 profile, struct gendisk *disk)
 {
 	struct ks_event e = {};
 	e.ts_ns = bpf_ktime_get_ns();
 	e.kind = KS_PROFILE_REGISTER;
-	e.profile = (u64)profile;
+	e.profile = profile;
 	e.cpu = bpf_get_smp_processor_id();
 	e.tid = (u32)bpf_get_current_pid_tgid();
 	e.slot = KS_NO_SLOT;
-#ifdef KS_Q_HAS_DISK
-	struct gendisk *disk = NULL;
-	bpf_probe_read_kernel(&disk, sizeof(disk), &q->disk);
 	if (disk)
 		bpf_probe_read_kernel_str(e.name, sizeof(e.name), disk->disk_name);
-#endif
 	events.perf_submit(ctx, &e, sizeof(e));
+}
+
+static __always_inline int register_enter(void *ctx, PROFILE *profile, struct request_queue *q)
+{
+	struct gendisk *disk = NULL;
+#ifdef KS_Q_HAS_DISK
+	bpf_probe_read_kernel(&disk, sizeof(disk), &q->disk);
+#endif
+	emit_register(ctx, (u64)profile, disk);
 	return 0;
 }
 
@@ -543,21 +549,12 @@ static __always_inline int disk_add_enter(void *ctx, struct gendisk *disk)
 {
 	struct request_queue *q = NULL;
 	PROFILE *profile = NULL;
-	struct ks_event e = {};
 	bpf_probe_read_kernel(&q, sizeof(q), &disk->queue);
 	if (!q)
 		return 0;
 	bpf_probe_read_kernel(&profile, sizeof(profile), &q->Q_PROFILE);
-	if (!profile)
-		return 0; /* no inline encryption on this disk */
-	e.ts_ns = bpf_ktime_get_ns();
-	e.kind = KS_PROFILE_REGISTER;
-	e.profile = (u64)profile;
-	e.cpu = bpf_get_smp_processor_id();
-	e.tid = (u32)bpf_get_current_pid_tgid();
-	e.slot = KS_NO_SLOT;
-	bpf_probe_read_kernel_str(e.name, sizeof(e.name), disk->disk_name);
-	events.perf_submit(ctx, &e, sizeof(e));
+	if (profile) /* else: no inline encryption on this disk */
+		emit_register(ctx, (u64)profile, disk);
 	return 0;
 }
 
