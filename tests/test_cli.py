@@ -80,3 +80,26 @@ def test_simulate_help_lists_every_injection():
 def test_every_command_is_documented():
     for name, cmd in cli.commands.items():
         assert cmd.help and "Example" in cmd.help, name
+
+
+@pytest.mark.parametrize("target", ["/nonexistent/dir/t.ndjson", "/dev/full"])
+def test_simulate_to_an_unwritable_file_is_one_line(target):
+    r = run("simulate", "-o", target, "--requests", "50")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and target in r.stderr, r.stderr
+
+
+def test_ctrl_c_during_replay_exits_130_not_the_code_of_diverged(tmp_path):
+    """As the installed command runs: main() turns click's Abort into 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    big = tmp_path / "big.ndjson"
+    assert run("simulate", "-o", str(big), "--requests", "60000", "--threads", "8").exit_code == 0
+    p = subprocess.Popen([sys.executable, "-c", "from tracer.cli import main; main()", "replay", str(big)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, (p.returncode, err[-500:])

@@ -170,8 +170,11 @@ def simulate(output: str, inject: str | None, **workload) -> None:
     from replay.simulate import Workload, simulate as run
 
     w = Workload(**workload)
-    with open(output, "wb") as out:
-        injected = run(w, out, inject)
+    try:
+        with open(output, "wb") as out:
+            injected = run(w, out, inject)
+    except OSError as e:  # a directory that does not exist, a full disk (/dev/full)
+        _fail_bad_input(f"{output}: {e.strerror or e}")
     if inject:
         if injected is None:
             _fail_bad_input(f"the workload never gave the {inject} bug a chance to happen; "
@@ -356,8 +359,19 @@ def _top_live(output: str | None, disk: str | None, every_event: bool, as_json: 
     sys.exit(status)
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it; 1 would read as DIVERGED
+
+
 def main() -> None:
-    cli(prog_name="keyslot-trace")
+    try:
+        status = cli.main(prog_name="keyslot-trace", standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C (click turns it into Abort)
+        click.echo("", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as e:  # usage errors: click's message, exit 2
+        e.show()
+        sys.exit(e.exit_code)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":
