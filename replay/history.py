@@ -98,7 +98,7 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
     # probes keep their frames).
     open_ops: dict[tuple, list[OpRecord]] = {}
     ids = 0
-    last_marker_t = -1  # the last lost marker without a window: events before it may be missing
+    last_marker_t = -1  # the last lost marker: events before it may be missing
     thread_last: dict[tuple, int] = {}  # thread_key -> time of its last call seen
 
     def all_seen(h: ProfileHistory, k: tuple) -> str | None:
@@ -140,8 +140,7 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
             for stack in open_ops.values():
                 for rec in stack:
                     rec.incomplete = True
-            if ev.since is None:
-                last_marker_t = ev.t
+            last_marker_t = ev.t  # an operation begun before (in a window: inside it) may show only its end
             continue
         h = hist(ev.profile)
         h.events.append(ev)
@@ -175,14 +174,21 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
             h.points.append((ev.t, 0, CALL, rec))
         elif kind in _CLOSERS:
             name = _CLOSERS[kind]
-            i = next((i for i in range(len(stack) - 1, -1, -1) if stack[i].kind == name), None)
+            # the innermost open call it returns from: same operation, and for get and evict
+            # the same key (a return of another key belongs to a call that was lost)
+            i = next((i for i in range(len(stack) - 1, -1, -1) if stack[i].kind == name
+                      and (ev.key is None or stack[i].call is None or stack[i].call.key == ev.key)), None)
             if i is not None:
                 while len(stack) > i + 1:  # opened after it, still open: their returns were missed
                     never_returned(h, stack.pop(), ev.t, f"the {name} it was inside returned first")
                 _finish(h, stack.pop(), ev, ev.t)
             else:
                 # Its call happened before the trace started (or was lost): the
-                # operation may have taken effect at any time before now.
+                # operation may have taken effect at any time before now. An open
+                # call of the same operation (another key's) never returned.
+                for rec in [r for r in stack if r.kind == name]:
+                    stack.remove(rec)
+                    never_returned(h, rec, ev.t, f"a {name} of another key returned")
                 if seen_before:
                     h.unexplained.append(f"the {name} returning at line {ev.line} has no call "
                                          f"({seen_before}) and no loss was reported")
