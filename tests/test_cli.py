@@ -103,3 +103,46 @@ def test_ctrl_c_during_replay_exits_130_not_the_code_of_diverged(tmp_path):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "Traceback" not in err, (p.returncode, err[-500:])
+
+
+def test_a_signal_while_the_probes_compile_still_leaves_a_complete_trace(tmp_path, monkeypatch):
+    """SIGTERM (or Ctrl-C) during compile and attach, which take up to minutes: record
+    stops as it would later, with the header written, exit 0, instead of a 0-byte file
+    and exit 1. The kernel side is faked: what is tested is the CLI's order of things."""
+    import os
+    import signal
+
+    import orjson
+
+    from replay.trace import read_trace
+    from tracer import record
+    from tracer.decode import Decoder
+
+    class CompilingRecorder(record.Recorder):
+        def attach(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while "compiling"
+            return 42.0
+
+        def start(self, header=None):
+            self.out.write(orjson.dumps(self.header().to_json()) + b"\n")
+            self.decoder = Decoder(lambda r: None)
+            return self.decoder
+
+        def poll(self, timeout_ms):
+            raise AssertionError("a stop was requested: run() must not poll")
+
+        def close(self):
+            self.out.flush()
+
+    setup = record.Setup("blk_crypto", "mainline-unlink", [], [])
+    monkeypatch.setattr(record, "check_privileges", lambda: None)
+    monkeypatch.setattr(record, "import_bcc", lambda: None)
+    monkeypatch.setattr(record, "prepare", lambda **kw: setup)
+    monkeypatch.setattr(record, "Recorder", CompilingRecorder)
+    out = tmp_path / "t.ndjson"
+    before = signal.getsignal(signal.SIGTERM)
+    r = run("record", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    assert "recorded no events" in r.stderr
+    assert read_trace(out).events == [] and read_trace(out).header.api == "blk_crypto"
+    assert signal.getsignal(signal.SIGTERM) is before  # the early handler is gone again

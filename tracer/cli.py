@@ -6,6 +6,7 @@ problems become one line on stderr ('FILE:LINE: what is wrong') and exit 2.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
@@ -224,11 +225,20 @@ def record(output: str, duration: float | None, disk: str | None, probe_type: st
         import_bcc()
         with open(output, "wb") as out:
             rec = Recorder(out, setup, disk=disk)
-            *lines, summary = attach_report(rec, rec.attach())
+            # Compiling and attaching take seconds to minutes: a Ctrl-C or SIGTERM then is a
+            # request to stop like any other, and still leaves a complete (header-only) trace.
+            early = {s: signal.signal(s, rec.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                *lines, summary = attach_report(rec, rec.attach())
+            except BaseException:
+                rec.detach()
+                raise
             for line in lines:
                 click.echo(line, err=True)
             click.echo(f"{summary}; recording to {output}" + ("" if duration else " (Ctrl-C to stop)"), err=True)
-            counts = rec.run(duration)
+            counts = rec.run(duration)  # returns at once if a stop was requested meanwhile
+            for s, h in early.items():
+                signal.signal(s, h)
     except ProbeError as e:
         click.echo(f"keyslot-trace: {e}", err=True)
         sys.exit(EXIT_CANNOT_TRACE)

@@ -410,7 +410,7 @@ class Recorder:
     def run(self, duration: float | None = None) -> dict[str, int]:
         """Record until ``duration`` seconds pass or SIGINT/SIGTERM. Returns event counts."""
         decoder = self.start()
-        old = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         deadline = None if duration is None else time.monotonic() + duration
         try:
             while not self.stop_requested and (deadline is None or time.monotonic() < deadline):
@@ -421,7 +421,8 @@ class Recorder:
             self.close()
         return decoder.counts
 
-    def _request_stop(self, signum, frame) -> None:
+    def request_stop(self, signum=None, frame=None) -> None:
+        """Stop the recording (a signal handler): run() returns after its next poll."""
         self.stop_requested = True
 
     def detach(self) -> None:
