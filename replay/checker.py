@@ -251,9 +251,12 @@ def _linearize(configs: set, inflight: dict[int, OpRecord], target: OpRecord, fl
 
 def _divergence(h: ProfileHistory, rec: OpRecord, flavour: str, configs: set, inflight: dict,
                 reason: str | None) -> Divergence:
-    # Explain from the configuration where the operation is tried first: the
-    # state the operations that returned before it produced.
-    state = min(configs, key=lambda c: len(c[1]))[0]
+    # Explain from the configurations where the operation is tried first: the states
+    # the operations that returned before it produced. When several are possible, the
+    # same one every run (sets iterate in hash order), and the report says so.
+    first = min(len(lin) for _, lin in configs)
+    candidates = sorted({s for s, lin in configs if len(lin) == first}, key=model.describe_state)
+    state = candidates[0]
     if reason is None:
         reason = model.step(state, rec.op, flavour).reason or "no order of the overlapping operations explains it"
         others = [r for r in inflight.values() if r is not rec]
@@ -265,7 +268,8 @@ def _divergence(h: ProfileHistory, rec: OpRecord, flavour: str, configs: set, in
         reason=reason,
         allowed=(model.allowed(state, rec.op, flavour) if rec.op is not None
                  else ["nothing: a driver callback runs only inside a get, evict or reprogram_all"]),
-        state_before=model.describe_state(state),
+        state_before=([f"(one of {len(candidates)} states the model allows here; the first in order)"]
+                      if len(candidates) > 1 else []) + model.describe_state(state),
         inflight=[r for r in inflight.values() if r is not rec],
         preceding=_preceding(h, rec),
     )
