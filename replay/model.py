@@ -1,6 +1,6 @@
 """Reference models of the blk-crypto keyslot manager.
 
-Specification: shared/kernel-keyslot-reference.md section 5 (the rules are
+Specification: docs/keyslot-model.md (from the kernel-keyslot reference, section 5; the rules are
 numbered the same way in the comments below). Pure functions only: no I/O,
 no clock, no mutation. States are immutable and hashable, so the checker can
 memoise on them.

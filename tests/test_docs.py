@@ -55,3 +55,23 @@ def test_readme_kernel_table_is_the_generated_one():
         for name, s in r["scenarios"].items():
             for probe_type, cell in s["cells"].items():
                 assert cell["verdict"] != "DIVERGED", (gen, name, probe_type)
+
+
+def test_the_readme_replay_example_is_what_the_commands_print(tmp_path):
+    """The README's 'What replay tells you' block is the commands' real output (rich at
+    110 columns), so it cannot go stale."""
+    import os
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## What replay tells you\n\n```\n", 1)[1].split("```", 1)[0]
+    env = {**os.environ, "COLUMNS": "110", "PYTHONPATH": str(ROOT)}
+    out = ""
+    for line in block.splitlines():
+        if line.startswith("$ keyslot-trace "):
+            args = line[len("$ keyslot-trace "):].split()
+            r = subprocess.run([sys.executable, "-c", "from tracer.cli import main; main()", *args], cwd=tmp_path,
+                               env=env, capture_output=True, text=True)
+            out += line + "\n" + r.stderr + r.stdout
+    assert out == block
