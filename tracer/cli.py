@@ -84,6 +84,52 @@ def replay(traces: tuple[str, ...], semantics: str | None, as_json: bool, budget
     sys.exit(int(worst))
 
 
+@cli.command()
+@click.argument("trace_path", metavar="TRACE", type=click.Path(dir_okay=False))
+@click.option("--slots", "slot_spec", default="1-64", show_default=True, metavar="RANGE",
+              help="Slot counts to try: 1-64, 4,8,16 or 1-8,32 (the recorded count is always added).")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON (source: trace or model per row).")
+def whatif(trace_path: str, slot_spec: str, as_json: bool) -> None:
+    """How many keyslots does this workload need? Replay the trace's own demand with K slots.
+
+    Every get that obtained a slot (its key, when it ran, how long it held the slot) and
+    every evict, replayed with each K under the keyslot manager's LRU rules: programs
+    (misses), hit %, waits and time waiting per K. The recorded K's row is the trace's own;
+    the others are the model's estimate.
+
+    \b
+    Examples:
+      keyslot-trace whatif examples/fallback-1slot-waits.ndjson --slots 1-8
+      keyslot-trace whatif --json trace.ndjson
+    """
+    import orjson
+    from rich.console import Console
+
+    from replay import whatif as w
+    from replay.trace import TraceFormatError, read_trace
+
+    try:
+        counts = w.parse_slot_counts(slot_spec)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--slots") from None
+    try:
+        trace = read_trace(trace_path)
+    except TraceFormatError as e:
+        _fail_bad_input(str(e))
+    console = Console(highlight=False)
+    results = [(d, w.sweep(d, sorted(set(counts) | {d.num_slots}))) for d in w.demands(trace)]
+    if as_json:
+        sys.stdout.write(orjson.dumps({"trace": trace_path, "profiles": [w.to_json(d, o) for d, o in results]},
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    if not results:
+        console.print(f"{trace_path}: no profile with keyslots in the trace (passthrough only, or no profile at all)")
+        return
+    for d, outcomes in results:
+        w.render(d, outcomes, console)
+    w.footnote(console)
+
+
 def _severity(v) -> int:
     return {0: 0, 3: 1, 1: 2}[int(v)]
 
