@@ -3,7 +3,7 @@ same run (two recorders, two attach mechanisms) saw the same history."""
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from difflib import SequenceMatcher
 
 from replay.checker import Verdict
