@@ -37,6 +37,7 @@ from typing import IO, Iterable
 import orjson
 
 from probes.events import EventKind as K
+from replay.history import thread_key
 from replay.trace import Event, Header
 
 GLOBAL_PID = 0  # global instants (lost events) are not any profile's
@@ -173,7 +174,7 @@ class _Exporter:
 
     def thread(self, p: _Profile, ev: Event) -> _Track:
         """The track of the event's thread; tid 0 is every CPU's idle task, so one per CPU."""
-        key = (ev.tid, ev.cpu if ev.tid == 0 else None)
+        key = thread_key(ev)
         track = p.threads.get(key)
         if track is None:
             name = f"tid {ev.tid}" if ev.tid else f"cpu {ev.cpu} (tid 0)"

@@ -37,7 +37,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from probes.events import EventKind
-from replay.history import build
+from replay.history import RETURN, build
 from replay.trace import Trace
 
 
@@ -66,7 +66,6 @@ class Demand:
     evicts: list[tuple[int, str, bool]] = field(default_factory=list)  # (time, key, the driver's evict succeeded)
     failed_gets: int = 0  # not replayed: their failure is the driver's, not a function of K
     from_start: bool = True  # False: attached mid-stream, keys cached before the trace are unseen
-    end: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,9 +93,8 @@ def demands(trace: Trace) -> list[Demand]:
     for h in build(trace.header, trace.events).values():
         if not h.num_slots:
             continue  # passthrough: no slots to size
-        d = Demand(h.profile, h.device, h.num_slots, trace.header.semantics, from_start=h.from_start,
-                   end=h.events[-1].t if h.events else 0)
-        _decode(d, [p[3] for p in h.points if p[2] == 1])  # RETURN points: every operation once, closed
+        d = Demand(h.profile, h.device, h.num_slots, trace.header.semantics, from_start=h.from_start)
+        _decode(d, [p[3] for p in h.points if p[2] == RETURN])  # every operation once, closed
         out.append(d)
     return out
 
