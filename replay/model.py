@@ -34,6 +34,7 @@ allowed as a victim.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -82,6 +83,26 @@ FLAVOURS = ("mainline-keep", "mainline-unlink", "android")
 
 def errno_to_blk_status(err: int) -> int:
     return _ERRNO_TO_BLK_STATUS.get(err, BLK_STS_IOERR)
+
+
+# include/linux/blk_types.h (6.1): the blk_status_t values a get can return
+_BLK_STS_NAMES = ("OK", "NOTSUPP", "TIMEOUT", "NOSPC", "TRANSPORT", "TARGET", "NEXUS", "MEDIUM", "PROTECTION",
+                  "RESOURCE", "IOERR", "DM_REQUEUE", "AGAIN", "DEV_RESOURCE")
+
+
+def errno_name(err: int | None) -> str:
+    """'-EBUSY (-16)': the name a kernel engineer greps for, the number the trace holds."""
+    name = errno.errorcode.get(-err) if err is not None and err < 0 else None
+    return f"-{name} ({err})" if name else str(err)
+
+
+def status_name(status: int | None, flavour: str) -> str:
+    """A get's status: blk_status_t on mainline ('BLK_STS_IOERR (10)'), -errno on Android."""
+    if flavour == "android":
+        return errno_name(status)
+    if status is not None and 0 < status < len(_BLK_STS_NAMES):
+        return f"BLK_STS_{_BLK_STS_NAMES[status]} ({status})"
+    return str(status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,21 +272,22 @@ def _step_get(state: State, op: Get, flavour: str) -> Step:
             return _bad(f"get {key} on a passthrough profile called the driver's program (slot {op.program.slot})")
         expected = _passthrough_slot(flavour)
         if op.status not in (0, None) or op.slot not in ((expected, None) if op.status is None else (expected,)):
-            return _bad(f"get {key} on a passthrough profile returned {_outcome(op)}, expected success with "
+            return _bad(f"get {key} on a passthrough profile returned {_outcome(op, flavour)}, expected success with "
                         + ("slot 0 (keyslot_manager's passthrough value)" if flavour == "android" else "no slot"))
         return _ok(state)
     if op.incomplete:
         return _step_get_incomplete(state, op, flavour)
     if op.program is None:
-        return _step_hit(state, op)
+        return _step_hit(state, op, flavour)
     return _step_miss(state, op, flavour)
 
 
-def _step_hit(state: State, op: Get) -> Step:
+def _step_hit(state: State, op: Get, flavour: str) -> Step:
     """Rule 2: the key is cached; take a reference. No driver call, never waits."""
     key, s = op.key, op.slot
     if op.status != 0 or s is None:
-        return _bad(f"get {key} returned {_outcome(op)} without calling the driver: only a hit can do that, and a hit succeeds")
+        return _bad(f"get {key} returned {_outcome(op, flavour)} without calling the driver: only a hit can do "
+                    "that, and a hit succeeds")
     if not 0 <= s < state.num_slots:
         return _bad(f"get {key} returned slot {s}, but the profile has {state.num_slots} slots")
     cached = _key_slot(state, key)
@@ -306,14 +328,14 @@ def _step_miss(state: State, op: Get, flavour: str) -> Step:
         # Rule 3 failure: nothing changes (waiters are woken); the get fails.
         want = _expected_failure_status(prog.result, flavour)
         if op.status != want or op.slot is not None:
-            return _bad(f"get {key}: program of slot {v} failed with {prog.result}, so get should return"
-                        f" status {want} and no slot, but it returned {_outcome(op)}")
+            return _bad(f"get {key}: program of slot {v} failed with {errno_name(prog.result)}, so get should return"
+                        f" {status_name(want, flavour)} and no slot, but it returned {_outcome(op, flavour)}")
         # learn: the victim was idle
         if state.modes[v] == BOUNDED:
             state = replace(state, modes=_set(state.modes, v, IDLE_UNPLACED))
         return _ok(state)
     if op.status != 0 or op.slot != v:
-        return _bad(f"get {key}: slot {v} was programmed successfully, but get returned {_outcome(op)}")
+        return _bad(f"get {key}: slot {v} was programmed successfully, but get returned {_outcome(op, flavour)}")
     old = state.keys[v]
     gone = _forget(state, old)
     lru = state.lru[1:] if state.lru[:1] == (v,) else state.lru
@@ -385,9 +407,10 @@ def _step_evict(state: State, op: Evict, flavour: str) -> Step:
             if op.drv.slot != -1:
                 return _bad(f"evict {key} on a passthrough profile called the driver with slot {op.drv.slot}, expected -1")
             if op.result != op.drv.result:
-                return _bad(f"evict {key} returned {op.result}, but the driver's evict returned {op.drv.result}")
+                return _drv_mismatch(op)
         elif op.result != 0:
-            return _bad(f"evict {key} on a passthrough profile returned {op.result} without calling the driver")
+            return _bad(f"evict {key} on a passthrough profile returned {errno_name(op.result)} without calling "
+                        "the driver")
         return _ok(state)
     s = _key_slot(state, key)
     if s is None:
@@ -397,17 +420,17 @@ def _step_evict(state: State, op: Evict, flavour: str) -> Step:
     if op.drv is None:
         if op.result == EBUSY and busy_possible:
             return _ok(_evicted_busy(state, s, flavour))
-        want = f"{EBUSY} (slot {s} holds {state.refs[s]} references)" if state.refs[s] > 0 else (
+        want = f"{errno_name(EBUSY)} (slot {s} holds {state.refs[s]} references)" if state.refs[s] > 0 else (
             f"a driver evict of slot {s}")
-        return _bad(f"evict {key} returned {op.result} without calling the driver, but {key} is in slot {s}:"
-                    f" expected {want}")
+        return _bad(f"evict {key} returned {errno_name(op.result)} without calling the driver, but {key} is in "
+                    f"slot {s}: expected {want}")
     if op.drv.slot != s:
         return _bad(f"evict {key} called the driver's evict on slot {op.drv.slot}, but {key} is in slot {s}")
     if not idle_possible:
         return _bad(f"evict {key} evicted slot {s} in the driver while it holds {state.refs[s]} references"
                     " (expected -EBUSY)")
     if op.result != op.drv.result:
-        return _bad(f"evict {key} returned {op.result}, but the driver's evict returned {op.drv.result}")
+        return _drv_mismatch(op)
     return _ok(_evicted_idle(state, s, op.drv.result, flavour))
 
 
@@ -438,11 +461,12 @@ def _evict_unmapped(state: State, op: Evict, flavour: str) -> Step:
         if op.result == EBUSY and maybe_hidden:
             # cached in some unobserved slot that holds references
             return _ok(replace(state, gone=_forget(state, key)) if flavour == "mainline-unlink" else state)
-        return _bad(f"evict {key} returned {op.result}, but {key} is not cached: expected {not_found}")
+        return _bad(f"evict {key} returned {errno_name(op.result)}, but {key} is not cached: "
+                    f"expected {errno_name(not_found)}")
     s = op.drv.slot
     if maybe_hidden and 0 <= s < state.num_slots and state.keys[s] == UNK and _maybe_idle(state, s):
         if op.result != op.drv.result:
-            return _bad(f"evict {key} returned {op.result}, but the driver's evict returned {op.drv.result}")
+            return _drv_mismatch(op)
         learned = replace(state, keys=_set(state.keys, s, key))
         return _ok(_evicted_idle(learned, s, op.drv.result, flavour))
     return _bad(f"evict {key} called the driver's evict on slot {s}, but {key} is not cached"
@@ -498,6 +522,11 @@ def _step_reprogram(state: State, op: Reprogram) -> Step:
 # -- descriptions ----------------------------------------------------------------
 
 
+def _drv_mismatch(op: Evict) -> Step:
+    return _bad(f"evict {op.key} returned {errno_name(op.result)}, but the driver's evict returned "
+                f"{errno_name(op.drv.result)}")
+
+
 def _key_name(k) -> str:
     return "no key" if k is None else ("an unobserved key" if k == UNK else k)
 
@@ -508,10 +537,10 @@ def _busy_note(state: State, v: int) -> str:
     return ""
 
 
-def _outcome(op: Get) -> str:
+def _outcome(op: Get, flavour: str) -> str:
     if op.status == 0:
         return "success with no slot" if op.slot is None else f"slot {op.slot}"
-    return f"status {op.status}" + (f" and slot {op.slot}" if op.slot is not None else "")
+    return status_name(op.status, flavour) + (f" and slot {op.slot}" if op.slot is not None else "")
 
 
 def allowed(state: State, op: Op, flavour: str) -> list[str]:
@@ -539,10 +568,11 @@ def allowed(state: State, op: Op, flavour: str) -> list[str]:
             return ["driver evict with slot -1, or 0"]
         s = _key_slot(state, op.key)
         if s is None:
-            return [f"return {ENOKEY if flavour == 'android' else 0} without calling the driver (not cached)"]
+            return [f"return {errno_name(ENOKEY) if flavour == 'android' else 0} without calling the driver "
+                    "(not cached)"]
         out = []
         if state.refs[s] > 0 or state.modes[s] == BOUNDED:
-            out.append(f"return {EBUSY} (slot {s} in use)")
+            out.append(f"return {errno_name(EBUSY)} (slot {s} in use)")
         if _maybe_idle(state, s):
             out.append(f"driver evict of slot {s}")
         return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import sys
+import zlib
 from dataclasses import dataclass, field
 from typing import IO, Any, NamedTuple
 
@@ -130,6 +132,8 @@ class Trace:
     path: str
     header: Header
     events: list[Event]
+    #: what the reader accepted but the user must be told, one line each ('FILE:LINE: ...')
+    notes: list[str] = field(default_factory=list)
 
 
 def _parse_header(path: str, obj: Any) -> Header:
@@ -240,15 +244,41 @@ def _explain_bad_event(path: str, lineno: int, obj: Any) -> None:
     raise TraceFormatError(path, lineno, f"{name}: malformed event")
 
 
+STDIN = "-"
+
+
 def read_trace(path: str | os.PathLike) -> Trace:
-    """Read and validate a whole trace. Events are returned sorted by time."""
+    """Read and validate a whole trace: a file or '-' (stdin), plain or gzip-compressed
+    (known by its magic bytes, so a pipe works too). Events are returned sorted by time."""
     path = os.fspath(path)
+    name = "<stdin>" if path == STDIN else path
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        if path == STDIN:
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
     except OSError as e:
-        raise TraceFormatError(path, None, e.strerror or str(e)) from None
-    return parse_trace(data, path)
+        raise TraceFormatError(name, None, e.strerror or str(e)) from None
+    if data[:2] == b"\x1f\x8b":
+        data = _gunzip(data, name)
+    return parse_trace(data, name)
+
+
+def _gunzip(data: bytes, path: str) -> bytes:
+    """Every gzip member; a stream cut short (a `record | gzip` killed hard) gives what it
+    holds, whose cut last line parse_trace then reads as a stop with lost events."""
+    out = []
+    while data[:2] == b"\x1f\x8b":
+        d = zlib.decompressobj(wbits=31)
+        try:
+            out.append(d.decompress(data))
+        except zlib.error as e:
+            raise TraceFormatError(path, None, f"damaged gzip data ({e})") from None
+        if not d.eof:
+            break
+        data = d.unused_data
+    return b"".join(out)
 
 
 def parse_trace(data: bytes, path: str = "<trace>") -> Trace:
@@ -260,6 +290,7 @@ def parse_trace(data: bytes, path: str = "<trace>") -> Trace:
     truncated_tail = not data.endswith(b"\n")
     header: Header | None = None
     events: list[Event] = []
+    notes: list[str] = []
     loads = orjson.loads
     for lineno, raw in enumerate(lines, start=1):
         if not raw.strip():
@@ -268,7 +299,14 @@ def parse_trace(data: bytes, path: str = "<trace>") -> Trace:
             obj = loads(raw)
         except orjson.JSONDecodeError as e:
             if truncated_tail and lineno == len(lines):
-                raise TraceFormatError(path, lineno, "truncated last line (the recording was cut off)") from None
+                if header is None:
+                    raise TraceFormatError(path, lineno, "truncated header (the recording was cut off)") from None
+                # A recorder killed hard (SIGKILL, a full disk) stops mid-line: what it wrote is
+                # good, the cut line and what it never wrote are lost. Say so with a lost marker.
+                events.append(_cut_marker(events, lineno))
+                notes.append(f"{path}:{lineno}: last line cut off (the recording was stopped hard): "
+                             "read as a stop there, with the events after it lost")
+                break
             if b"\0" in raw or not _is_text(raw):
                 raise TraceFormatError(path, lineno, "binary data, not an NDJSON trace") from None
             raise TraceFormatError(path, lineno, f"malformed JSON: {e.args[0].split(':')[0]}") from None
@@ -282,7 +320,18 @@ def parse_trace(data: bytes, path: str = "<trace>") -> Trace:
     # returns at equal time, so equal-time operations overlap.
     if any(a.t > b.t for a, b in zip(events, events[1:])):
         events.sort(key=lambda e: e.t)
-    return Trace(path, header, events)
+    return Trace(path, header, events, notes)
+
+
+def _cut_marker(events: list[Event], lineno: int) -> Event:
+    """The lost marker of a cut trace. `record` writes each CPU's events in order, so what
+    it never wrote came after each CPU's last written event: the loss lies between the
+    earliest of those and the last event."""
+    last: dict[int, int] = {}
+    for e in events:
+        last[e.cpu] = max(last.get(e.cpu, 0), e.t)
+    end = max(last.values(), default=0)
+    return Event(end, 0, 0, EventKind.lost, None, count=0, since=min(last.values(), default=0), line=lineno)
 
 
 def _is_text(raw: bytes) -> bool:

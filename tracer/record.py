@@ -103,6 +103,22 @@ def bpf_source(setup: Setup | None = None) -> str:
     return text + "\n" + "\n".join(lines) + "\n"
 
 
+def compile_flags(setup: Setup, aggregate: bool = False) -> list[str]:
+    return setup.cflags + (["-DKS_AGGREGATE"] if aggregate else [])
+
+
+def ebpf_text(setup: Setup, aggregate: bool = False) -> str:
+    """What --ebpf prints, as bcc tools do: the program as it would be compiled. It needs
+    neither root nor bcc, but without root the kernel hides some of what decides it."""
+    lines = [f"// {setup.generation} API, {setup.probe_type} probes"
+             + (" (kprobes if fentry does not load)" if setup.probe_type == "fentry" and setup.kprobe_fallback else ""),
+             f"// cflags: {' '.join(compile_flags(setup, aggregate))}"]
+    if os.geteuid() != 0:
+        lines.append("// not root: /proc/kallsyms hides addresses (so KS_FALLBACK_SYM is 0) and tracefs is unreadable "
+                     "(so every function counts as traceable); as root it may differ")
+    return "\n".join(lines) + "\n" + bpf_source(setup)
+
+
 def describe(attachments: list[Attachment]) -> list[str]:
     return [f"{'attached' if a.attached else 'skipped '} {a.spec.name:<24} {a.symbol}"
             + ("" if a.attached else f": {a.reason}") for a in attachments]
@@ -169,7 +185,7 @@ class Recorder:
         """Compile and attach; returns the seconds it took."""
         bcc = import_bcc()
         t0 = time.monotonic()
-        cflags = self.setup.cflags + (["-DKS_AGGREGATE"] if self.aggregate else [])
+        cflags = compile_flags(self.setup, self.aggregate)
         if self.setup.probe_type == "fentry":
             # libbpf prints the whole verifier log on stderr when a program does not load;
             # when kprobes can take over, that is noise: keep it, and show only its gist.

@@ -4,7 +4,7 @@ or replayed from a recorded trace.
 USAGE: keyslot-trace top [-d DISK] [-o FILE] [--every-event] [--json] [interval [count]]  (live: root, bcc)
        keyslot-trace top --from FILE [--speed X] [--check] [--json] [interval [count]]
 
-Three parts, kept apart (shared/style-anchors.md section 5):
+Three parts, kept apart:
 
 * data   - tracer/tui/aggregate.py: events -> Snapshot (what the kernel reported);
 * view   - tracer/tui/render.py: Snapshot -> rich renderable, or plain/JSON lines;
@@ -77,11 +77,12 @@ class FileSource:
             self._start = now
         return self.events[0].t + (now - self._start) * self.speed * 1e9
 
-    def poll(self, limit: int = BATCH) -> list[Event]:
+    def poll(self, limit: int = BATCH, until: int | None = None) -> list[Event]:
+        """The events due now, at most ``limit``, none after trace time ``until``."""
         if self.done or self._paused_at is not None:
             return []
         end = min(len(self.events), self.i + limit)
-        due = self._due()
+        due = min(self._due(), math.inf if until is None else until)
         if due != math.inf:
             end = bisect.bisect_right(self.events, due, self.i, end, key=_T)
         batch, self.i = self.events[self.i:end], end
@@ -206,6 +207,11 @@ class CheckMarks:
             for p in result.profiles if (d := p.divergence) is not None
         )
         self.shown: dict[str, str] = {}
+
+    @property
+    def next_t(self) -> int | None:
+        """When the next divergence is due: playback stops there, so that it does not scroll away."""
+        return self.pending[0][0] if self.pending else None
 
     def reach(self, t: int) -> dict[str, str]:
         new = {}
@@ -417,12 +423,13 @@ def _run_screen(agg: Aggregator, source: FileSource | LiveSource, marks: CheckMa
             snap, size, next_draw, dirty = agg.snapshot(), None, 0.0, True
             while True:
                 if (is_live or not view.paused) and not source.done:
-                    batch = source.poll()
+                    batch = source.poll(until=marks.next_t) if marks else source.poll()
                     if batch:
                         if _apply(agg, batch, on_interval, is_live):
                             break
-                        if marks:
-                            marks.reach(agg.t_last)
+                        if marks and (new := marks.reach(agg.t_last)):  # pause on it, its profile selected
+                            view = replace(view, paused=True, selected=next(iter(new)))
+                            source.pause(True)
                         dirty = True
                     elif source.done:
                         dirty = True  # draw "end of trace"

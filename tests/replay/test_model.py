@@ -1,4 +1,4 @@
-"""The reference model against shared/kernel-keyslot-reference.md section 5."""
+"""The reference model against its rules, docs/keyslot-model.md."""
 
 import pytest
 
@@ -88,9 +88,12 @@ def test_program_failure_changes_nothing_and_maps_status():
     assert after == s
     after = one(s, miss("B", 1, result=-12, status=9))  # -ENOMEM -> BLK_STS_RESOURCE
     assert after == s
-    assert "status 10" in rejected(s, miss("B", 1, result=EIO, status=0))
+    # errors by name, with the number the trace holds beside it
+    assert "failed with -EIO (-5), so get should return BLK_STS_IOERR (10) and no slot" in \
+        rejected(s, miss("B", 1, result=EIO, status=0))
     # Android returns the errno itself
     assert one(s, miss("B", 1, result=EIO, status=EIO), "android") == s
+    assert "should return -EIO (-5)" in rejected(s, miss("B", 1, result=EIO, status=0), "android")
 
 
 def test_put_at_zero_is_rejected_and_put_joins_tail():

@@ -36,7 +36,7 @@ def err(data: bytes) -> TraceFormatError:
     (HEADER + b'{"t":5,"cpu":0,"tid":0,"ev":"lost","p":null,"count":1,"since":9}\n', 2, "'since' must be"),
     (HEADER + EV + b'{"t":2,"cpu":0,"tid":5,"ev":"get_fly","p":"p1"}\n', 3, "unknown event kind 'get_fly'"),
     (HEADER + b'{"t":2,"cpu":0,\n' + EV, 2, "malformed JSON"),
-    (HEADER + EV + b'{"t":2,"cpu":0,"tid":5,"ev":"get_ret', 3, "truncated last line"),
+    (HEADER[:30], 1, "truncated header"),
     (HEADER + b'{"t":-1,"cpu":0,"tid":5,"ev":"get_call","p":"p1","key":"k1"}\n', 2, "'t' must be a non-negative"),
     (HEADER + b'{"t":1,"cpu":0,"tid":5,"ev":"get_call","p":"p1"}\n', 2, "missing field 'key'"),
     (HEADER + b'{"t":1,"cpu":0,"tid":5,"ev":"put_call","p":"p1","slot":"3"}\n', 2, "'slot' must be int"),
@@ -49,6 +49,47 @@ def test_bad_input_is_one_line(data, line, words):
     assert words in str(e)
     assert "\n" not in str(e)
     assert str(e).startswith("x.ndjson" + (f":{line}" if line else ""))
+
+
+def test_a_cut_last_line_is_a_stop_with_lost_events_and_a_note():
+    """A recorder killed hard leaves a cut last line: what it wrote is read, the rest is a
+    loss lying after each CPU's last event (here cpu 1's, at t=4), and the reader says so."""
+    e2 = b'{"t":4,"cpu":1,"tid":6,"ev":"get_call","p":"p1","key":"k2"}\n'
+    t = parse_trace(HEADER + e2 + EV + b'{"t":9,"cpu":0,"tid":5,"ev":"get_ret', "x.ndjson")
+    assert [e.kind.name for e in t.events] == ["get_call", "get_call", "lost"]
+    lost = t.events[-1]
+    assert (lost.t, lost.since, lost.count, lost.line) == (4, 1, 0, 4)
+    assert t.notes == ["x.ndjson:4: last line cut off (the recording was stopped hard): "
+                       "read as a stop there, with the events after it lost"]
+    assert parse_trace(HEADER + EV).notes == []
+
+
+def test_a_cut_simulated_trace_is_unknown_never_diverged():
+    for cut in (len(VALID) // 3, len(VALID) - 7):
+        r = check(parse_trace(VALID[:cut]))
+        assert r.verdict is Verdict.UNKNOWN and "lost" in r.profiles[0].unknown_reason
+
+
+def test_gzip_and_stdin(tmp_path, monkeypatch):
+    import gzip
+    import io
+    import sys
+
+    plain = read_trace(_write(tmp_path / "t.ndjson", VALID))
+    gz = read_trace(_write(tmp_path / "t.gz", gzip.compress(VALID[:100]) + gzip.compress(VALID[100:])))
+    assert gz.events == plain.events and gz.notes == []
+    cut = read_trace(_write(tmp_path / "cut.gz", gzip.compress(VALID)[:-40]))  # `record | gzip` killed
+    assert cut.events[-1].kind.name == "lost" and cut.notes
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(gzip.compress(VALID))))
+    t = read_trace("-")
+    assert t.path == "<stdin>" and t.events == plain.events
+    with pytest.raises(TraceFormatError, match=r"/x\.gz: damaged gzip data"):
+        read_trace(_write(tmp_path / "x.gz", b"\x1f\x8b" + b"x" * 20))
+
+
+def _write(path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
 
 
 def test_missing_file():

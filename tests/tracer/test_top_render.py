@@ -39,7 +39,8 @@ def test_screen_fits_and_shows_every_part(busy, size):
     assert len(lines) == h and all(len(x) <= w for x in lines)
     text = "\n".join(lines)
     assert lines[0].startswith("keyslot-trace top  end of trace")
-    assert lines[1].startswith("gets/s ") and " hit " in lines[1] and "waits" in lines[1]
+    assert lines[1].startswith("gets/s ") and " hit(1ms) " in lines[1] and "errors" in lines[1]
+    assert "HIT%(all)" in lines[2]  # the header's hit % is the interval's, the table's since the start
     for p in busy.profiles:  # the profile table, counted
         row = next(x for x in lines if p.id in x and "slots" not in x)
         assert f"{p.counts.gets:,}" in row and ("pass" in row) == p.passthrough
@@ -47,7 +48,7 @@ def test_screen_fits_and_shows_every_part(busy, size):
     assert "SLOT KEY" in text and f"{sel.device} {sel.id}  4 slots" in text
     for s in sel.slots:
         assert any(x.split()[:2] == [str(s.index), s.key or "-"] for x in lines if x.strip())
-    assert "slot wait" in text and "program latency" in text and "events (latest last)" in text
+    assert "miss: get_call -> program_call" in text and "program latency" in text and "events (latest last)" in text
     assert lines[-1].startswith("q quit")
 
 
@@ -55,6 +56,50 @@ def test_passthrough_profile_says_so(busy):
     pt = next(p for p in busy.profiles if p.passthrough)
     text = "\n".join(screen(busy, 80, 24, View(selected=pt.id)))
     assert "passthrough: no keyslots" in text and f"gets {pt.counts.gets:,}" in text
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+def test_no_placeholder_box_where_there_is_nothing_to_draw(busy, size):
+    """A passthrough profile has no histograms and a filter may match nothing: rich's
+    Layout draws its placeholder box for an empty renderable, which must never show."""
+    pt = next(p for p in busy.profiles if p.passthrough)
+    for view in (View(selected=pt.id), View(filter="nvme")):
+        lines = screen(busy, *size, view)
+        assert not any("Layout(" in x or "╭" in x for x in lines), "\n".join(lines)
+        assert "events (latest last)" in "\n".join(lines)
+
+
+def test_help_fits_80_columns(busy):
+    lines = screen(busy, 80, 24, View(help=True))
+    assert not any("…" in x for x in lines[2:]), "\n".join(lines)
+    from tracer.tui.render import HELP
+    for line in HELP.splitlines():
+        assert any(x.rstrip() == line.rstrip() for x in lines), line
+
+
+def test_histograms_fold_the_tail_instead_of_dropping_it():
+    from tracer.tui.render import _hist_lines
+
+    hist = (0,) * 5 + (3, 40, 50, 20) + (0,) * 10 + (2,) + (0,) * 5 + (1,)  # a slow tail far out
+    rows = [x.plain for x in _hist_lines("t", hist, 4)]  # title + 3 rows for 13 buckets
+    counts = [int(x.split("| ")[1].split()[0].replace(",", "")) for x in rows[1:]]
+    assert sum(counts) == sum(hist) and len(rows) == 4
+    assert rows[1].strip().startswith("<") and rows[-1].endswith("(and slower)")
+    assert [x.plain for x in _hist_lines("t", hist, 2)][1].strip().startswith("all ")
+    full = [x.plain for x in _hist_lines("t", hist, 40)]  # room for every bucket: nothing folded
+    assert len(full) == 1 + 21 and not any("slower" in x or "<" in x for x in full)
+
+
+def test_event_log_names_errors(busy):
+    """A failed get's status and its program's result, by name with the number beside it."""
+    trace, _ = sim_trace(program_failure=0.5, requests=40)
+    agg = Aggregator(trace.header, "f.ndjson")
+    for e in trace.events:  # up to the first failed get: it is the latest line of the log
+        agg.apply(e)
+        if e.kind.name == "get_return" and e.result:
+            break
+    text = "\n".join(screen(agg.snapshot(), 160, 48))
+    assert "status=BLK_STS_IOERR (10)" in text and "result=-EIO (-5)" in text
 
 
 def test_divergence_is_shown_with_its_reason():

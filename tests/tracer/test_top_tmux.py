@@ -109,11 +109,19 @@ def test_screen_shows_the_trace_then_q_restores_the_terminal(pane, traces):
     pane.assert_restored(0)
 
 
-def test_check_marks_the_divergence_and_exits_1(pane, traces):
+def test_check_marks_the_divergence_pauses_there_and_exits_1(pane, traces):
+    """At full speed the divergence would scroll away at once: playback stops at the
+    operation that diverged, its get_return the latest line of the event log."""
     d, _ = traces
     pane.run_top("--from", str(d / "bad.ndjson"), "--speed", "0", "--check")
-    s = pane.wait_for(lambda s: "end of trace" in s)
-    assert "check: DIVERGED" in s and "DIVERGED: get k" in s and "LRU head" in s.replace("\n", " ")
+    s = pane.wait_for(lambda s: "check: DIVERGED" in s)
+    assert "PAUSED" in s and "end of trace" not in s
+    assert "DIVERGED: get k" in s and "LRU head" in s.replace("\n", " ")
+    key = re.search(r"DIVERGED: get (k[0-9a-f]{12})", s).group(1)
+    log = s.split("events (latest last)")[1].splitlines()
+    assert f"get_return simdisk key={key}" in [x for x in log if x.startswith("+")][-1]
+    pane.key("p")
+    pane.wait_for(lambda s: "end of trace" in s)
     pane.key("q")
     pane.assert_restored(1)
 

@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from probes.events import EventKind
+from replay.report import result_field
 from replay.trace import Event
 from tracer.tui.aggregate import UNOBSERVED, Counts, ProfileView, Snapshot
 
@@ -27,18 +28,23 @@ _SORT_KEYS = {
 KEYS_HELP = "q quit  p pause  tab/arrows profile  s sort  / filter  ? help"
 HELP = f"""\
 Keys: {KEYS_HELP}
-  /    filter profiles (and the event log) by device or id; enter applies, esc cancels
+  /  filter profiles (and the event log) by device or id; enter applies, esc
+     cancels
 
 Everything shown is what the trace reports the kernel did (not the model):
-  key     set by program_return (result 0) and successful get_return; cleared by evicts
+  key     set by program_return (result 0) and a successful get_return;
+          cleared by evicts
   refs    +1 per get given the slot, -1 per put_return (>=n: a lower bound)
   LRU     idle slots in the order they last became idle; 0 = the next victim
-  hit %   gets without a program call, among gets that programmed or hit
+  hit %   gets without a program call, among gets that programmed or hit:
+          hit(1.0s) over the last interval, HIT%(all) since the start
   waits   misses that saw every slot in use between get_call and program_call
   errors  get status != 0, evict result != 0, program result != 0
   rates   per second of trace time over the last complete interval
-  slot wait  get_call -> program_call of a miss;  program  program_call -> return
---check marks the first operation the reference model cannot explain, in red.
+  histograms  miss: get_call -> program_call (a wait is its slow tail);
+              program: program_call -> program_return
+--check marks the first operation the reference model cannot explain, in red,
+and pauses there (p goes on).
 """
 
 
@@ -84,12 +90,12 @@ def render(snap: Snapshot, width: int, height: int, view: View = View()) -> Rend
         rest -= n_prof
         wide = width >= 130
         slots_h, slot_block = _slot_block(sel, view, width // 2 if wide else width, rest)
-        hist_h = min(9, rest - slots_h - 3) if not wide else 0
-        if wide:  # histograms beside the slot map
+        has_hist = sel is not None and not sel.passthrough  # else the event log gets the room
+        hist_h = min(9, rest - slots_h - 3) if has_hist and not wide else 0
+        if wide and has_hist:  # histograms beside the slot map
             slots_h = min(max(slots_h, 18), rest)
             mid = Layout()
-            mid.split_row(Layout(slot_block, ratio=1),
-                          Layout(_histograms(sel, slots_h, stacked=True), ratio=1))
+            mid.split_row(_pane(slot_block, ratio=1), _pane(_histograms(sel, slots_h, stacked=True), ratio=1))
             parts.append((mid, slots_h))
         else:
             parts.append((slot_block, slots_h))
@@ -100,8 +106,13 @@ def render(snap: Snapshot, width: int, height: int, view: View = View()) -> Rend
         parts.append((_log(snap, shown, rest - slots_h - hist_h), max(rest - slots_h - hist_h, 0)))
     parts.append((_footer(view), 1))
     screen = Layout()
-    screen.split_column(*(Layout(r, size=h) for r, h in parts if h > 0))
+    screen.split_column(*(_pane(r, size=h) for r, h in parts if h > 0))
     return screen
+
+
+def _pane(r: RenderableType, **size) -> Layout:
+    # rich's Layout draws its placeholder box for a falsy renderable, and an empty Text is one
+    return Layout(r if r else Group(), **size)
 
 
 def _header(snap: Snapshot, view: View) -> Group:
@@ -117,11 +128,15 @@ def _header(snap: Snapshot, view: View) -> Group:
     top = Text.assemble(("keyslot-trace top", "bold"), "  ", (state, "reverse"), "  ", *check,
                         f"+{fmt_ns(snap.elapsed_ns)}  {snap.source}  kernel {h.kernel}  {h.api}  {h.semantics}")
     hit = snap.window.hit_pct
+    span = f"({fmt_ns(snap.window_s * 1e9).replace('.0', '')})" if snap.window_s > 0 else ""
+    # Rates and hit % over the rate window, labelled (the table's HIT% is since the start), then
+    # totals: the alarms first, so that a narrow screen cuts waits (also in the table) instead.
     stats = Text.assemble(
-        f"gets/s {si(snap.rate('gets'))} hit {'-' if hit is None else f'{hit:.1f}%'} "
-        f"progs/s {si(snap.rate('programs'))} evicts/s {si(snap.rate('evicts'))} | waits {snap.totals.waits:,} ",
+        f"gets/s {si(snap.rate('gets'))} hit{span} "
+        f"{'-' if hit is None else f'{hit:.1f}%'} "
+        f"progs/s {si(snap.rate('programs'))} evicts/s {si(snap.rate('evicts'))} | ",
         (f"errors {snap.totals.errors:,}", "bold red" if snap.totals.errors else ""), " ",
-        (f"lost {snap.lost:,}", "bold yellow" if snap.lost else ""),
+        (f"lost {snap.lost:,}", "bold yellow" if snap.lost else ""), f" waits {snap.totals.waits:,}",
     )
     for t in (top, stats):
         t.no_wrap, t.overflow = True, "ellipsis"
@@ -132,7 +147,7 @@ def _profiles_table(shown: list[ProfileView], sel: ProfileView | None, rows: int
     t = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold", expand=False)
     t.add_column("PROFILE", no_wrap=True, min_width=14)
     t.add_column("DEVICE", no_wrap=True, overflow="ellipsis", max_width=max(6, min(20, width - 66)))
-    for name in ("SLOTS", "USED", "GETS", "HIT%", "PROGS", "EVICTS", "WAITS", "ERR"):
+    for name in ("SLOTS", "USED", "GETS", "HIT%(all)", "PROGS", "EVICTS", "WAITS", "ERR"):
         t.add_column(name, justify="right", no_wrap=True)
     if len(shown) > rows:  # keep the selected profile on screen
         i = shown.index(sel) if sel in shown else 0
@@ -194,7 +209,7 @@ def _slot_block(p: ProfileView | None, view: View, width: int, room: int) -> tup
 def _histograms(p: ProfileView | None, height: int, stacked: bool) -> RenderableType:
     if p is None or p.passthrough:
         return Text("")
-    a = ("slot wait (get_call -> program_call)", p.wait_hist)
+    a = ("miss: get_call -> program_call", p.wait_hist)  # a wait is its tail, but every miss is in it
     b = ("program latency (call -> return)", p.prog_hist)
     if stacked:
         h1 = height // 2
@@ -207,21 +222,31 @@ def _histograms(p: ProfileView | None, height: int, stacked: bool) -> Renderable
 
 
 def _hist_lines(title: str, hist: tuple[int, ...], height: int, bar_width: int = 16) -> list[Text]:
-    """bcc-style log2 histogram: a title and at most height-1 bucket rows."""
+    """bcc-style log2 histogram: a title and at most height-1 bucket rows. Buckets that do
+    not fit are folded into the first and last rows shown ('<X', '>=X' and '(and slower)'),
+    so that the rows always add up to every sample: a slow tail must not vanish."""
     out = [Text(title, style="bold", no_wrap=True, overflow="ellipsis")]
     nonzero = [b for b, n in enumerate(hist) if n]
     rows = height - 1
     if not nonzero or rows <= 0:
         return out + [Text("  (none yet)", style="dim")][:max(rows, 0)]
     lo, hi = nonzero[0], nonzero[-1]
-    if hi - lo + 1 > rows:  # show the busiest window of buckets
-        lo = max(range(lo, hi - rows + 2), key=lambda s: sum(hist[s:s + rows]))
-        hi = lo + rows - 1
-    peak = max(hist[lo:hi + 1]) or 1
-    for b in range(lo, hi + 1):
-        n = hist[b]
+    below = above = 0
+    if hi - lo + 1 > rows:  # the busiest window of buckets, with the rest folded in
+        start = max(range(lo, hi - rows + 2), key=lambda s: sum(hist[s:s + rows]))
+        below, above = sum(hist[lo:start]), sum(hist[start + rows:hi + 1])
+        lo, hi = start, start + rows - 1
+    counts = list(hist[lo:hi + 1])
+    counts[0] += below
+    counts[-1] += above
+    peak = max(counts) or 1
+    for b, n in zip(range(lo, hi + 1), counts):
+        label = f"<{fmt_ns(1 << b)}" if b == lo and below else f">={fmt_ns(1 << (b - 1))}" if b else "0ns"
+        slower = b == hi and above
+        if slower and b == lo and below:  # one row for everything
+            label, slower = "all", False
         bar = "#" * round(bar_width * n / peak)
-        out.append(Text(f"{'>=' + fmt_ns(1 << (b - 1)) if b else '0ns':>8} |{bar:<{bar_width}}| {n:,}",
+        out.append(Text(f"{label:>8} |{bar:<{bar_width}}| {n:,}" + (" (and slower)" if slower else ""),
                         no_wrap=True, overflow="ellipsis"))
     return out
 
@@ -234,7 +259,8 @@ def _log(snap: Snapshot, shown: list[ProfileView], height: int) -> RenderableTyp
     events = [e for e in snap.log if e.profile is None or e.profile in ids][-(height - 1):] if height > 1 else []
     lines = [Text(snap.log_title, style="bold", no_wrap=True, overflow="ellipsis")]
     for e in events:
-        lines.append(Text(describe(e, snap.t0, names), style=_event_style(e), no_wrap=True, overflow="ellipsis"))
+        lines.append(Text(describe(e, snap.t0, names, snap.header.semantics), style=_event_style(e), no_wrap=True,
+                          overflow="ellipsis"))
     return Group(*lines)
 
 
@@ -248,14 +274,14 @@ def _footer(view: View) -> Text:
 # -- small formats ---------------------------------------------------------------
 
 
-def describe(e: Event, t0: int, names: dict[str, str] | None = None) -> str:
+def describe(e: Event, t0: int, names: dict[str, str] | None = None, flavour: str = "mainline-unlink") -> str:
     """One event on one line: '+1.234567ms cpu1 tid1001 get_return simdisk key=k.. slot=2 status=0'."""
     where = (names or {}).get(e.profile, e.profile) if e.profile else ""
     parts = [f"+{(e.t - t0) / 1e6:.6f}ms", f"cpu{e.cpu}", f"tid{e.tid}", e.kind.name, where]
     for name in ("key", "slot", "result", "num_slots", "count"):
         v = getattr(e, name)
         if v is not None:
-            parts.append(f"{'status' if name == 'result' and e.kind is EventKind.get_return else name}={v}")
+            parts.append(f"{name}={v}" if name != "result" else result_field(e, flavour))
     return " ".join(p for p in parts if p)
 
 
@@ -285,7 +311,8 @@ def si(x: float | None) -> str:
         return "-"
     for unit, div in (("M", 1e6), ("k", 1e3)):
         if abs(x) >= div:
-            return f"{x / div:.1f}{unit}"
+            v = x / div
+            return f"{v:.1f}{unit}" if abs(v) < 100 else f"{v:.0f}{unit}"  # 3 digits: the header fits 80 columns
     return f"{x:.0f}"
 
 
