@@ -4,7 +4,9 @@ Each profile is a "process" (in order of first appearance) with:
 
 * a track per slot ("slot N"): a slice per key residency, named by the key's fingerprint, from a
   successful ``program_return`` until the slot gets another key, a successful ``drv_evict_return`` or
-  ``evict_return`` clears it, or the profile is destroyed; nested in it, "in use" slices while the slot's
+  ``evict_return`` clears it (on mainline-unlink kernels, 6.4+, any ``evict_return`` of the key: the
+  kernel unlinks the key from the slot even when the evict fails, as replay/model.py does), or the
+  profile is destroyed; nested in it, "in use" slices while the slot's
   refcount is > 0 (args refs: the highest refcount). As in tracer/tui/aggregate.py, a get takes its
   reference at a hit's ``get_return`` or at a miss's successful ``program_return``, a ``put_return``
   releases it; this is what the kernel reported, not what the reference model predicts.
@@ -30,6 +32,7 @@ and files events without a tid (counters, instants) under tid = pid. The kernel'
 
 from __future__ import annotations
 
+import io
 import itertools
 from dataclasses import dataclass, field
 from typing import IO, Iterable
@@ -68,6 +71,7 @@ class _Op:  # an operation in flight on a thread track
 class _Track:
     pid: int
     tid: int
+    owner: tuple  # what it shows: ("slot", profile id, n) or ("thread", profile id, thread_key)
     stack: list[_Interval] = field(default_factory=list)  # open intervals, innermost last
     ops: list[_Op] = field(default_factory=list)  # thread tracks: operations in flight, innermost last
     callback: _Interval | None = None  # thread tracks: the driver callback in flight
@@ -101,6 +105,7 @@ class _Exporter:
         self.counts = {"events": 0, "slices": 0, "instants": 0, "counters": 0, "metadata": 0, "unfinished": 0}
         self.profiles: dict[str, _Profile] = {}
         self.t, self.started = 0, False
+        self.unlink_on_error = header.semantics == "mainline-unlink"  # a failed evict still empties the slot
         self.ids = itertools.count(1)  # pids and tids
         info = {k: getattr(header, k) for k in ("kernel", "api", "semantics", "tool", "host", "start_time", "clock")}
         # displayTimeUnit first: Perfetto only honours it in the file's first chunk
@@ -147,11 +152,13 @@ class _Exporter:
             if unfinished or top is not iv:  # above iv and still open: its end was not seen
                 args["unfinished"] = True
                 self.counts["unfinished"] += 1
-            t_end = max(t, top.start)  # (events should come in time order; never write a negative dur)
-            self.write("slices", {"ph": "X", "name": top.name, "cat": top.cat, "pid": track.pid, "tid": track.tid,
-                                  "ts": top.start / 1000, "dur": (t_end - top.start) / 1000, "args": args})
+            self.slice(track, top, max(t, top.start), args)  # (events should come in time order: never dur < 0)
             if top is iv:
                 return
+
+    def slice(self, track: _Track, iv: _Interval, t_end: int, args: dict) -> None:
+        self.write("slices", {"ph": "X", "name": iv.name, "cat": iv.cat, "pid": track.pid, "tid": track.tid,
+                              "ts": iv.start / 1000, "dur": (t_end - iv.start) / 1000, "args": args})
 
     # -- profiles, tracks, slots --
     def profile(self, pid: str, num_slots: int | None = None, device: str | None = None) -> _Profile:
@@ -166,8 +173,8 @@ class _Exporter:
         size = {None: "(slots unknown)", 0: "(passthrough)"}.get(p.num_slots, f"({p.num_slots} slots)")
         self.meta("process_name", p.pid, {"name": " ".join(filter(None, (p.device, size, p.id)))})
 
-    def track(self, p: _Profile, name: str, sort_index: int) -> _Track:
-        track = _Track(p.pid, next(self.ids))
+    def track(self, p: _Profile, name: str, sort_index: int, owner: tuple) -> _Track:
+        track = _Track(p.pid, next(self.ids), owner)
         self.meta("thread_name", p.pid, {"name": name}, track.tid)
         self.meta("thread_sort_index", p.pid, {"sort_index": sort_index}, track.tid)  # (chrome: slots first)
         return track
@@ -178,7 +185,7 @@ class _Exporter:
         track = p.threads.get(key)
         if track is None:
             name = f"tid {ev.tid}" if ev.tid else f"cpu {ev.cpu} (tid 0)"
-            track = p.threads[key] = self.track(p, name, 1_000_000 + len(p.threads))
+            track = p.threads[key] = self.track(p, name, 1_000_000 + len(p.threads), ("thread", p.id, key))
         return track
 
     def slot(self, p: _Profile, n: int | None) -> _Slot | None:
@@ -186,7 +193,7 @@ class _Exporter:
         if n is None or n < 0 or (p.num_slots is not None and n >= p.num_slots):
             return None
         if n not in p.slots:
-            p.slots[n] = _Slot(self.track(p, f"slot {n}", n))
+            p.slots[n] = _Slot(self.track(p, f"slot {n}", n, ("slot", p.id, n)))
         return p.slots[n]
 
     def set_key(self, p: _Profile, n: int, key: str | None, t: int) -> None:
@@ -287,7 +294,7 @@ class _Exporter:
         elif ev.kind is K.evict_return:
             name = "evict" if ev.result == 0 else f"evict failed {ev.result}"
             self.instant(p, ev.t, name, {"key": ev.key, "result": ev.result})
-            if ev.result == 0 and ev.key in p.where:
+            if ev.key in p.where and (ev.result == 0 or self.unlink_on_error):
                 self.set_key(p, p.where[ev.key], None, ev.t)
 
     def callback_call(self, p: _Profile, ev: Event, name: str) -> None:
@@ -365,6 +372,27 @@ class _Exporter:
             t, pid, reason = divergence
             self.instant(self.profiles.get(pid), t, "DIVERGED", {"reason": reason, "profile": pid})
         self.out.write(b"\n]}\n")
+
+
+class Slices(_Exporter):
+    """The same intervals, handed over as they close instead of written as JSON (replay/html.py
+    draws its slot timeline and operations from them, so both show what the export shows):
+    ``on_slice(owner, name, cat, start_ns, end_ns, args)``, owner as in _Track."""
+
+    def __init__(self, header: Header, on_slice):
+        super().__init__(header, io.BytesIO())  # (only the JSON's opening and closing lines go there)
+        self.on_slice = on_slice
+
+    def write(self, what: str, ev: dict) -> None:
+        pass  # counters, instants, metadata: not wanted
+
+    def slice(self, track: _Track, iv: _Interval, t_end: int, args: dict) -> None:
+        self.on_slice(track.owner, iv.name, iv.cat, iv.start, t_end, args)
+
+    def run(self, events: Iterable[Event]) -> None:
+        for ev in events:
+            self.apply(ev)
+        self.finish(None)
 
 
 def export(header: Header, events: Iterable[Event], out: IO[bytes],

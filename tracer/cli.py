@@ -36,6 +36,20 @@ def _fail_bad_input(message: str) -> None:
     sys.exit(EXIT_BAD_INPUT)
 
 
+def _read_trace(path: str):
+    """read_trace for a command: bad input is one line and exit 2; what the reader let
+    through but the user must know (a cut last line) is one line each on stderr."""
+    from replay.trace import TraceFormatError, read_trace
+
+    try:
+        trace = read_trace(path)
+    except TraceFormatError as e:
+        _fail_bad_input(str(e))
+    for note in trace.notes:
+        click.echo(f"keyslot-trace: {note}", err=True)
+    return trace
+
+
 @cli.command()
 @click.argument("traces", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--semantics", type=click.Choice(["mainline-keep", "mainline-unlink", "android"]),
@@ -48,27 +62,26 @@ def replay(traces: tuple[str, ...], semantics: str | None, as_json: bool, budget
 
     Exit status: 0 AGREE, 1 DIVERGED, 2 bad input, 3 UNKNOWN (search budget
     exhausted, lost events, or not enough information). With several traces,
-    the worst verdict wins (DIVERGED over UNKNOWN over AGREE).
+    the worst verdict wins (DIVERGED over UNKNOWN over AGREE). A TRACE may be
+    gzip-compressed, or - for standard input. A trace whose last line was cut
+    off (a recorder killed hard) is read up to it, with the events after it lost.
 
     \b
     Examples:
       keyslot-trace replay examples/fallback-4slots.ndjson
       keyslot-trace replay --semantics mainline-keep old-kernel.ndjson
+      ssh host cat trace.ndjson.gz | keyslot-trace replay -
     """
     import orjson
     from rich.console import Console
 
     from replay import checker, report
-    from replay.trace import TraceFormatError, read_trace
 
     console = Console(stderr=False, highlight=False)
     worst = checker.Verdict.AGREE
     outputs = []
     for path in traces:
-        try:
-            trace = read_trace(path)
-        except TraceFormatError as e:
-            _fail_bad_input(str(e))
+        trace = _read_trace(path)
         with _Progress(console, path) as progress:
             result = checker.check(trace, semantics, budget, progress=progress.advance, on_total=progress.total)
         if as_json:
@@ -106,16 +119,12 @@ def whatif(trace_path: str, slot_spec: str, as_json: bool) -> None:
     from rich.console import Console
 
     from replay import whatif as w
-    from replay.trace import TraceFormatError, read_trace
 
     try:
         counts = w.parse_slot_counts(slot_spec)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--slots") from None
-    try:
-        trace = read_trace(trace_path)
-    except TraceFormatError as e:
-        _fail_bad_input(str(e))
+    trace = _read_trace(trace_path)
     console = Console(highlight=False)
     results = [(d, w.sweep(d, sorted(set(counts) | {d.num_slots}))) for d in w.demands(trace)]
     if as_json:
@@ -128,6 +137,69 @@ def whatif(trace_path: str, slot_spec: str, as_json: bool) -> None:
     for d, outcomes in results:
         w.render(d, outcomes, console)
     w.footnote(console)
+
+
+@cli.command()
+@click.argument("trace_path", metavar="TRACE", type=click.Path(dir_okay=False))
+@click.option("--perfetto", is_flag=True, help="Chrome/Perfetto trace-event JSON (ui.perfetto.dev, chrome://tracing).")
+@click.option("-o", "--output", required=True, metavar="FILE", help="File to write; - for stdout.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Replay the trace through the reference model and mark its first divergence.")
+def export(trace_path: str, perfetto: bool, output: str, check: bool) -> None:
+    """Export a trace as a timeline for Perfetto.
+
+    Per profile a process: a track per slot (the key it holds, and nested, when it is
+    in use, with refs), a track per thread (get, put, evict, reprogram_all, and the
+    driver's program/evict in them; a get that waited is a long get), counters of slots
+    in use and idle and of gets in flight, instants for evicts, failures, reprogram_all
+    and lost events, and with --check the checker's first divergence, with its reason.
+    Times are the trace's own (CLOCK_MONOTONIC): a perf or ftrace recording of the same
+    run on that clock lines up with it. TRACE may be gzip-compressed, or - for
+    standard input. Exit status: 0 once written, whatever the verdict; 2 bad
+    input, or an output that cannot be written.
+
+    \b
+    Examples:
+      keyslot-trace export --perfetto trace.ndjson -o trace.json   # open in ui.perfetto.dev
+      keyslot-trace export --perfetto --no-check big.ndjson -o -    # to stdout, without the replay
+    """
+    import contextlib
+    import errno
+    import os
+
+    from replay import checker
+    from replay.perfetto import export as to_perfetto
+    from replay.report import describe_op
+
+    if not perfetto:
+        raise click.UsageError("name the format: --perfetto (the only one)")
+    trace = _read_trace(trace_path)  # (the whole trace: the reader sorts it by time)
+    if "-" not in (output, trace_path) and os.path.exists(output) and os.path.samefile(output, trace_path):
+        _fail_bad_input(f"{output}: is the trace itself; write the export elsewhere")
+    divergence, verdict = None, None
+    if check:
+        with _Progress(None, trace_path) as progress:
+            result = checker.check(trace, progress=progress.advance, on_total=progress.total)
+        verdict, d = result.verdict, result.divergence
+        if d is not None:  # placed and worded as `replay` reports it
+            first, last = d.op.call or d.op.ret, d.op.ret or d.op.call
+            divergence = (last.t, d.profile, f"{describe_op(d.op)} (line {first.line}-{last.line}, cpu {d.op.cpu}, "
+                                             f"tid {d.op.tid}): {d.reason}")
+    name = "stdout" if output == "-" else output
+    try:
+        with contextlib.nullcontext(sys.stdout.buffer) if output == "-" else open(output, "wb") as out:
+            counts = to_perfetto(trace.header, trace.events, out, divergence)
+            out.flush()
+    except OSError as e:  # a directory that does not exist, a full disk (/dev/full), a closed pipe
+        if e.errno == errno.EPIPE:  # so that Python's own flush at exit does not fail a second time
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _fail_bad_input(f"{name}: {e.strerror or e}")
+    summary = (f"{name}: {counts['slices']:,} slices, {counts['instants']:,} instants, "
+               f"{counts['counters']:,} counter values, {counts['profiles']} profile(s)")
+    if verdict is not None:
+        summary += f"; {verdict.name}" + (f", first divergence marked at line {last.line}" if divergence else "")
+    click.echo(summary, err=True)
 
 
 def _severity(v) -> int:
@@ -233,8 +305,8 @@ EXIT_CANNOT_TRACE = 1
 
 
 @cli.command()
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
-              help="Trace file to write (format v1 NDJSON).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              help="Trace file to write (format v1 NDJSON); required, except with --ebpf.")
 @click.option("--duration", type=click.FloatRange(min=0), help="Stop after this many seconds (default: Ctrl-C).")
 @click.option("-d", "--disk", metavar="DISK",
               help="Only DISK's profiles (registered while recording, e.g. ksdisk0, dm-0) and the "
@@ -243,8 +315,10 @@ EXIT_CANNOT_TRACE = 1
               help="fentry/fexit (BTF trampolines) where the kernel has them, else kprobes.")
 @click.option("--semantics", type=click.Choice(["mainline-keep", "mainline-unlink", "android"]),
               help="Semantics to write in the header (default: detected from the kernel's symbols).")
-@click.option("--ebpf", is_flag=True, hidden=True, help="Print the BPF program and its flags, and exit.")
-def record(output: str, duration: float | None, disk: str | None, probe_type: str, semantics: str | None,
+@click.option("--ebpf", is_flag=True,
+              help="Print the BPF program this kernel would get, with its compiler flags, and exit "
+                   "(needs neither root nor bcc).")
+def record(output: str | None, duration: float | None, disk: str | None, probe_type: str, semantics: str | None,
            ebpf: bool) -> None:
     """Record the kernel's keyslot-manager events into a trace (root, bcc).
 
@@ -258,16 +332,19 @@ def record(output: str, duration: float | None, disk: str | None, probe_type: st
     Example:
       sudo keyslot-trace record -o trace.ndjson --duration 30
       keyslot-trace replay trace.ndjson
+      keyslot-trace record --ebpf --probe-type kprobe   # the program, not loaded
     """
     from tracer.probes import ProbeError
-    from tracer.record import Recorder, attach_report, bpf_source, check_privileges, import_bcc, prepare
+    from tracer.record import Recorder, attach_report, check_privileges, import_bcc, prepare
 
+    if ebpf:
+        _print_ebpf(False, semantics=semantics, probe_type=probe_type)
+        return
+    if output is None:
+        raise click.UsageError("Missing option '-o' / '--output'.")
     try:
         check_privileges()
         setup = prepare(semantics=semantics, probe_type=probe_type)
-        if ebpf:
-            click.echo(f"// cflags: {' '.join(setup.cflags)}\n{bpf_source(setup)}")
-            return
         import_bcc()
         with open(output, "wb") as out:
             rec = Recorder(out, setup, disk=disk)
@@ -290,6 +367,18 @@ def record(output: str, duration: float | None, disk: str | None, probe_type: st
         sys.exit(EXIT_CANNOT_TRACE)
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no events"
     click.echo(f"recorded {summary}", err=True)
+
+
+def _print_ebpf(aggregate: bool, **how) -> None:
+    """--ebpf, as bcc tools have it: the program this kernel would get, compiled by no one."""
+    from tracer.probes import ProbeError
+    from tracer.record import ebpf_text, prepare
+
+    try:
+        click.echo(ebpf_text(prepare(**how), aggregate).rstrip("\n"))
+    except ProbeError as e:
+        click.echo(f"keyslot-trace: {e}", err=True)
+        sys.exit(EXIT_CANNOT_TRACE)
 
 
 @cli.command()
@@ -327,11 +416,14 @@ def doctor() -> None:
 @click.option("--check", is_flag=True,
               help="With --from: run the reference model too and mark its first divergence in red.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per interval instead of the screen.")
+@click.option("--ebpf", is_flag=True,
+              help="Live: print the BPF program live top would load (in-kernel counting, or every event), "
+                   "with its compiler flags, and exit (needs neither root nor bcc).")
 @click.argument("interval", required=False, default=1.0, type=click.FloatRange(min=0, min_open=True))
 @click.argument("count", required=False, type=click.IntRange(min=1))
 @click.pass_context
 def top(ctx: click.Context, trace_path: str | None, output: str | None, disk: str | None, every_event: bool,
-        speed: float, check: bool, as_json: bool, interval: float, count: int | None) -> None:
+        speed: float, check: bool, as_json: bool, ebpf: bool, interval: float, count: int | None) -> None:
     """Show keyslots, gets, hits, waits and latencies, live from the kernel (root, bcc) or from a trace.
 
     Per profile: each slot's key, refcount, LRU rank, programs and last program
@@ -355,7 +447,6 @@ def top(ctx: click.Context, trace_path: str | None, output: str | None, disk: st
       keyslot-trace top --from bad.ndjson --speed 0 --check
       keyslot-trace top --from trace.ndjson --json 0.01   # a JSON line per 10 ms of trace
     """
-    from replay.trace import TraceFormatError, read_trace
     from tracer import top as top_view
 
     if trace_path is None:
@@ -364,16 +455,16 @@ def top(ctx: click.Context, trace_path: str | None, output: str | None, disk: st
         if given:
             _fail_bad_input(f"{' and '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} "
                             "to a recorded trace (--from FILE)")
+        if ebpf:
+            _print_ebpf(not (every_event or output))
+            return
         _top_live(output, disk, every_event or output is not None, as_json, interval, count)
         return
-    live_only = [o for o, v in (("-o", output), ("-d", disk), ("--every-event", every_event)) if v]
+    live_only = [o for o, v in (("-o", output), ("-d", disk), ("--every-event", every_event), ("--ebpf", ebpf)) if v]
     if live_only:
         _fail_bad_input(f"{' and '.join(live_only)} only appl{'ies' if len(live_only) == 1 else 'y'} "
                         "to the live kernel, not to a recorded trace (--from FILE)")
-    try:
-        trace = read_trace(trace_path)
-    except TraceFormatError as e:
-        _fail_bad_input(str(e))
+    trace = _read_trace(trace_path)
     sys.exit(top_view.run(trace, speed=speed, check=check, as_json=as_json, interval_s=interval, count=count))
 
 
@@ -413,6 +504,20 @@ def _top_live(output: str | None, disk: str | None, every_event: bool, as_json: 
         click.echo(f"keyslot-trace: {output}: {e.strerror or e}", err=True)
         sys.exit(EXIT_CANNOT_TRACE)
     sys.exit(status)
+
+
+@cli.command(hidden=True)
+def man() -> None:
+    """Print the manual page, keyslot-trace(1), generated from these commands' help.
+
+    \b
+    Examples:
+      keyslot-trace man | man -l -
+      keyslot-trace man > ~/.local/share/man/man1/keyslot-trace.1
+    """
+    from tracer.manpage import manpage
+
+    click.echo(manpage(cli, "keyslot-trace", __version__), nl=False)
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it; 1 would read as DIVERGED

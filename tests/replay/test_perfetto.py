@@ -5,20 +5,29 @@ from the trace itself (or from replay/history.py's pairing of calls and returns)
 exporter's own bookkeeping.
 """
 
+import copy
+import dataclasses
+import gzip
 import io
+import re
+import subprocess
+import sys
+import tracemalloc
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import orjson
 import pytest
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from replay.checker import Verdict, check
 from replay.history import RETURN, build
 from replay.perfetto import export
-from replay.trace import Header, ProfileInfo, dumps_events, parse_trace, read_trace
+from replay.trace import Header, ProfileInfo, Trace, dumps_events, parse_trace, read_trace
 from tests.conftest import sim_trace
+from tracer.cli import cli
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.ndjson"))
 HAND_BUILT = sorted((Path(__file__).resolve().parent / "traces").glob("*.ndjson"))
@@ -43,7 +52,7 @@ def check_format(doc: dict, trace) -> dict:
     times = {e.t for e in trace.events}
     last = max(times, default=0)
     slices, names, procs = defaultdict(list), {}, {}
-    begins = defaultdict(list)
+    begins, counter_ts = defaultdict(list), {}
     for ev in events:
         assert ev["ph"] in PHASES and isinstance(ev["name"], str) and type(ev["pid"]) is int, ev
         if ev["ph"] != "M":
@@ -52,20 +61,24 @@ def check_format(doc: dict, trace) -> dict:
             assert type(ev["tid"]) is int, ev
         track = (ev["pid"], ev.get("tid"))
         if ev["ph"] == "X":
-            assert type(ev["dur"]) in (int, float) and ev["dur"] >= 0, ev
+            assert type(ev["dur"]) in (int, float) and ev["dur"] >= 0, f"dur < 0: {ev}"
             start, end = ns(ev["ts"]), ns(ev["ts"] + ev["dur"])
-            assert start in times and end in times, ev  # slices begin and end at events of the trace
+            assert start in times and end in times, f"not at an event of the trace: {ev}"
             slices[track].append((start, end, ev))
         elif ev["ph"] == "B":
             assert not begins[track] or begins[track][-1] <= ev["ts"]
             begins[track].append(ev["ts"])
         elif ev["ph"] == "E":
-            assert begins[track] and begins[track].pop() <= ev["ts"], ev
+            assert begins[track] and begins[track].pop() <= ev["ts"], f"E without B: {ev}"
         elif ev["ph"] in "iI":
             assert ev["s"] in ("g", "p", "t") and ns(ev["ts"]) <= last
         elif ev["ph"] == "C":
             assert ev["args"] and all(type(v) is int and v >= 0 for v in ev["args"].values()), ev
             assert ns(ev["ts"]) in times
+            # a counter's values come in time order (slices are written as they close, so for
+            # them the rule is nesting, below)
+            assert ev["ts"] >= counter_ts.get((ev["pid"], ev["name"]), 0), f"counter back in time: {ev}"
+            counter_ts[(ev["pid"], ev["name"])] = ev["ts"]
         elif ev["name"] == "thread_name":
             names[track] = ev["args"]["name"]
         elif ev["name"] == "process_name":
@@ -106,17 +119,19 @@ def matched_ops(trace, kind: str) -> int:
 
 def check_against_trace(out: dict, trace) -> None:
     by_name = Counter()
-    residencies = Counter()
+    residencies = defaultdict(list)  # (profile, slot) -> [(start, key)]: the keys a slot held, in time order
     for (pid, tid), xs in out["slices"].items():
-        for _, _, ev in xs:
+        for start, _, ev in xs:
             if not ev["args"].get("unfinished"):
                 by_name[ev["name"]] += 1
             if ev["cat"] == "residency":
                 assert out["names"][(pid, tid)] == f"slot {ev['args']['slot']}"
-                residencies[(out["procs"][pid], ev["args"]["slot"])] += 1
-    programs = Counter((e.profile, e.slot) for e in trace.events
-                       if e.kind.name == "program_return" and e.result == 0 and e.slot >= 0)
-    assert residencies == programs
+                residencies[(out["procs"][pid], ev["args"]["slot"])].append((start, ev["name"]))
+    programs = defaultdict(list)
+    for e in trace.events:
+        if e.kind.name == "program_return" and e.result == 0 and e.slot >= 0:
+            programs[(e.profile, e.slot)].append((e.t, e.key))
+    assert {k: sorted(v, key=lambda x: x[0]) for k, v in residencies.items()} == programs
     for kind in ("get", "put", "evict"):
         assert by_name[kind] == matched_ops(trace, kind), kind
     instants = Counter(ev["name"].split(" failed")[0] for ev in out["events"] if ev["ph"] == "i")
@@ -299,3 +314,270 @@ def test_verdict_is_unaffected():  # export reads the events only
     before = check(trace).verdict
     to_json(trace)
     assert check(trace).verdict is before is Verdict.AGREE
+
+
+def test_the_format_checks_catch_broken_output():
+    """Each rule above fails on an output that breaks it."""
+    trace, _ = sim_trace(threads=4, slots=2, keys=6, requests=150, evict_rate=0.1)
+    good, _ = to_json(trace)
+    check_against_trace(check_format(good, trace), trace)
+
+    def broken(edit):
+        doc = copy.deepcopy(good)
+        edit(doc["traceEvents"])
+        return doc
+
+    def first(events, pred):
+        return next(e for e in events if pred(e))
+
+    def overlap(events):  # an "in use" slice running past the end of its residency, to the next event
+        def inside(x, e):
+            return x.get("name") == "in use" and x["tid"] == e["tid"] and e["ts"] <= x["ts"] < e["ts"] + e["dur"]
+
+        res = first(events, lambda e: e.get("cat") == "residency" and not e["args"].get("unfinished")
+                    and any(inside(x, e) for x in events))
+        iv = first(events, lambda x: inside(x, res))
+        after = min(e.t for e in trace.events if e.t > ns(res["ts"] + res["dur"]))
+        iv["dur"] = (after - ns(iv["ts"])) / 1000
+
+    def counter_back(events):  # the last value at the time of the first
+        cs = [e for e in events if e["ph"] == "C" and e["name"] == "slots"]
+        cs[-1]["ts"] = cs[0]["ts"]
+
+    def tid_in_two(events):
+        names = [e for e in events if e.get("name") == "thread_name"]
+        names[1]["tid"] = names[0]["tid"]
+        names[1]["pid"] = names[0]["pid"] + 1000
+
+    edits = {  # what breaks a rule -> what the failed assertion says
+        "negative dur": (lambda ev: first(ev, lambda e: e["ph"] == "X").update(dur=-0.001), "dur < 0"),
+        "B without E": (lambda ev: ev.append({**first(ev, lambda e: e["ph"] == "X"), "ph": "B"}), "unbalanced"),
+        "E without B": (lambda ev: ev.append({**first(ev, lambda e: e["ph"] == "X"), "ph": "E"}), "E without B"),
+        "overlapping slices": (overlap, "overlaps its enclosing slice"),
+        "counter back in time": (counter_back, "counter back in time"),
+        "a tid in two processes": (tid_in_two, "a tid in two processes"),
+        "slice ending at no event": (lambda ev: first(ev, lambda e: e["ph"] == "X" and e["dur"] > 0).update(
+            dur=first(ev, lambda e: e["ph"] == "X" and e["dur"] > 0)["dur"] / 2 + 0.0003), "not at an event"),
+    }
+    for what, (edit, says) in edits.items():
+        with pytest.raises(AssertionError, match=re.escape(says)):
+            check_format(broken(edit), trace)
+            pytest.fail(f"not caught: {what}")
+    for what, edit in {
+        "a residency dropped": lambda ev: ev.remove(first(ev, lambda e: e.get("cat") == "residency")),
+        "a residency of another key": lambda ev: first(ev, lambda e: e.get("cat") == "residency").update(name="k0"),
+        "a get missing": lambda ev: ev.remove(first(ev, lambda e: e.get("name") == "get")),
+    }.items():
+        with pytest.raises(AssertionError):
+            check_against_trace(check_format(broken(edit), trace), trace)
+            pytest.fail(f"not caught: {what}")
+    with pytest.raises(orjson.JSONDecodeError):  # cut short: not JSON
+        buf = io.BytesIO()
+        export(trace.header, trace.events, buf)
+        orjson.loads(buf.getvalue()[:-4])
+
+
+# -- the slots' contents over time, against the checker's model states --
+
+def held_at_end(doc: dict) -> dict[str, dict[int, str]]:
+    """profile -> {slot: key} of the residencies still open when the trace ends."""
+    procs = {e["pid"]: e["args"]["name"].split()[-1] for e in doc["traceEvents"] if e.get("name") == "process_name"}
+    held = defaultdict(dict)
+    for e in doc["traceEvents"]:
+        if e.get("cat") == "residency" and e["args"].get("unfinished"):
+            held[procs[e["pid"]]][e["args"]["slot"]] = e["name"]
+    return held
+
+
+def model_keys(p) -> tuple[dict[int, str], set[int]]:
+    """The checker's final state of a profile: {slot: key} of its keyed slots, and the slots it does not know."""
+    keys, unknown = {}, set()
+    for line in p.final_state:
+        m = re.fullmatch(r"slot (\d+): (.*?), refs.*", line)
+        if m and m[2] == "an unobserved key":
+            unknown.add(int(m[1]))
+        elif m and m[2] != "no key":
+            keys[int(m[1])] = m[2]
+    return keys, unknown
+
+
+def quiescent_cuts(trace) -> list[int]:
+    """Prefix lengths after which no operation is in flight: there the checker holds one state per profile."""
+    open_ops, cuts = Counter(), []
+    for i, e in enumerate(trace.events, 1):
+        name = e.kind.name
+        if name in ("get_call", "put_call", "evict_call", "reprogram_call"):
+            open_ops[e.profile] += 1
+        elif name in ("get_return", "put_return", "evict_return", "reprogram_return"):
+            open_ops[e.profile] = max(0, open_ops[e.profile] - 1)  # (a return whose call predates the trace)
+        if not any(open_ops.values()):
+            cuts.append(i)
+    return cuts
+
+
+def assert_slots_are_the_checkers(trace, exported=None, samples=25) -> int:
+    """At quiescent points through the trace, the keys the export shows in each slot are the keys
+    the checker's model state has there. ``exported``: export this trace instead (the same events)."""
+    cuts = quiescent_cuts(trace)
+    compared = 0
+    for c in cuts[::max(1, len(cuts) // samples)]:
+        result = check(Trace(trace.path, trace.header, trace.events[:c]))
+        doc, _ = to_json(Trace(trace.path, (exported or trace).header, trace.events[:c]))
+        held = held_at_end(doc)
+        for p in result.profiles:
+            if p.final_state and p.num_slots:
+                keys, unknown = model_keys(p)
+                shown = {s: k for s, k in held[p.profile].items() if s not in unknown}
+                assert shown == keys, (f"{len(cuts)} events in", p.profile, shown, keys)
+                compared += 1
+    return compared
+
+
+SLOT_HISTORY_SIMS = {  # concurrent, with busy evicts (-EBUSY) under each semantics
+    "unlink": dict(threads=8, slots=4, keys=12, requests=800, evict_rate=0.2, seed=3),
+    "keep": dict(threads=6, slots=3, keys=10, requests=800, evict_rate=0.2, semantics="mainline-keep", seed=5),
+    "android": dict(threads=6, slots=3, keys=10, requests=800, evict_rate=0.2, semantics="android", seed=5),
+    "reprogram-failures": dict(threads=4, slots=3, keys=8, requests=600, evict_rate=0.1, reprogram_rate=0.05,
+                               program_failure=0.05, profiles=2, passthrough=1),
+}
+
+
+@pytest.mark.parametrize("case", [*EXAMPLES, *SLOT_HISTORY_SIMS],
+                         ids=lambda c: c if isinstance(c, str) else c.name)
+def test_slot_contents_over_time_are_what_the_checker_saw(case):
+    trace = read_trace(case) if isinstance(case, Path) else sim_trace(**SLOT_HISTORY_SIMS[case])[0]
+    assert assert_slots_are_the_checkers(trace) >= 5
+
+
+def test_the_slot_comparison_catches_a_key_kept_after_a_busy_evict():
+    """The comparison fails on an export that keeps a key in its slot after a failed evict on a
+    kernel that unlinks it (6.4+): what the exporter did before it followed the semantics."""
+    trace, _ = sim_trace(**SLOT_HISTORY_SIMS["unlink"])
+    assert any(e.kind.name == "evict_return" and e.result == -16 for e in trace.events)
+    kept = Trace(trace.path, dataclasses.replace(trace.header, semantics="mainline-keep"), trace.events)
+    with pytest.raises(AssertionError):
+        assert_slots_are_the_checkers(trace, exported=kept)
+
+
+@pytest.mark.parametrize("semantics,ends", [("mainline-unlink", 31), ("mainline-keep", 41)])
+def test_a_busy_evict_empties_the_slot_only_where_the_kernel_unlinks(semantics, ends):
+    records = [ev(1, "profile_init", num_slots=1), *miss(10, "k1", 0),
+               ev(30, "evict_call", 7, key="k1"), ev(31, "evict_return", 7, key="k1", result=-16), *put(40, 0)]
+    trace = parse_trace(dumps_events(dataclasses.replace(HEADER, semantics=semantics), records))
+    doc, _ = to_json(trace)
+    check_format(doc, trace)
+    assert [(k, start, end) for k, start, end, _ in residencies(doc)] == [("k1", 12, ends)]
+    in_use = [(ns(x["ts"]), ns(x["ts"] + x["dur"])) for x in doc["traceEvents"] if x["name"] == "in use"]
+    assert in_use == ([(12, 31), (31, 41)] if ends == 31 else [(12, 41)])  # the I/O still holds the slot
+
+
+# -- memory: the exporter holds the open intervals, not the trace --
+
+def export_peak(trace, out) -> int:
+    tracemalloc.start()
+    try:
+        export(trace.header, iter(trace.events), out)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_does_not_grow_with_the_trace():
+    class Sink:  # a file that keeps nothing
+        def write(self, b):
+            return len(b)
+
+    small, _ = sim_trace(threads=8, cpus=4, slots=8, keys=32, requests=1000)
+    big, _ = sim_trace(threads=8, cpus=4, slots=8, keys=32, requests=10000)
+    assert len(big.events) > 9 * len(small.events)
+    peak_small, peak_big = export_peak(small, Sink()), export_peak(big, Sink())
+    assert peak_big < 2 * peak_small and peak_big < 256 * 1024, (peak_small, peak_big)
+    # the measure sees what is kept: the same export into memory grows with the trace
+    assert export_peak(big, io.BytesIO()) > 10 * peak_big
+
+
+# -- the command --
+
+def cli_run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_cli_marks_the_first_divergence_as_replay_reports_it(tmp_path):
+    bad, out = tmp_path / "bad.ndjson", tmp_path / "bad.json"
+    assert cli_run("simulate", "-o", str(bad), "--inject", "wrong-victim", "--requests", "500").exit_code == 0
+    r = cli_run("export", "--perfetto", str(bad), "-o", str(out))
+    assert r.exit_code == 0, r.output
+    replayed = orjson.loads(cli_run("replay", "--json", str(bad)).stdout)
+    d = replayed["profiles"][0]["divergence"]
+    trace = read_trace(bad)
+    doc = orjson.loads(out.read_bytes())
+    out_ = check_format(doc, trace)
+    check_against_trace(out_, trace)
+    (div,) = [e for e in doc["traceEvents"] if e["name"] == "DIVERGED"]
+    assert ns(div["ts"]) == d["t"] and out_["procs"][div["pid"]] == replayed["profiles"][0]["id"]
+    assert div["args"]["reason"].startswith(f"{d['operation']} (line {d['call_line']}-{d['return_line']}, ")
+    assert div["args"]["reason"].endswith(d["reason"])
+    assert r.stderr.count("\n") == 1 and f"DIVERGED, first divergence marked at line {d['return_line']}" in r.stderr
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_cli_to_stdout_on_every_real_trace(path):
+    r = cli_run("export", "--perfetto", str(path), "-o", "-")
+    assert r.exit_code == 0, r.stderr
+    trace = read_trace(path)
+    doc = orjson.loads(r.stdout_bytes)
+    check_against_trace(check_format(doc, trace), trace)
+    assert not [e for e in doc["traceEvents"] if e["name"] == "DIVERGED"]
+    assert r.stderr.startswith("stdout: ") and r.stderr.endswith("; AGREE\n")
+    assert cli_run("export", "--perfetto", "--no-check", str(path), "-o", "-").stdout_bytes == r.stdout_bytes
+
+
+def test_cli_reads_a_gzipped_trace_from_stdin(tmp_path):
+    data = EXAMPLES[0].read_bytes()
+    out = tmp_path / "t.json"
+    r = CliRunner().invoke(cli, ["export", "--perfetto", "-", "-o", str(out)], input=gzip.compress(data))
+    assert r.exit_code == 0, r.stderr
+    assert out.read_bytes() == cli_run("export", "--perfetto", str(EXAMPLES[0]), "-o", "-").stdout_bytes
+
+
+HEADER_LINE = b'{"format":"keyslot-trace","version":"1.0","api":"blk_crypto","semantics":"mainline-unlink"}\n'
+BAD_TRACES = {"empty": (b"", "bad.ndjson: empty file"), "binary": (b"\0\1\2", "bad.ndjson: binary data"),
+              "bad line": (HEADER_LINE + b'{"t":1}\n', "bad.ndjson:2: "),
+              "bad JSON": (HEADER_LINE + b'{"t":1,"cpu\n{}\n', "bad.ndjson:2: malformed JSON")}
+
+
+@pytest.mark.parametrize("case", [*BAD_TRACES, "missing", "directory out", "no such dir out", "full disk",
+                                  "the trace itself", "no format"])
+def test_cli_bad_input_or_output_is_one_line_exit_2(tmp_path, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)
+    good = str(EXAMPLES[0])
+    if case in BAD_TRACES:
+        Path("bad.ndjson").write_bytes(BAD_TRACES[case][0])
+        args, where = ("--perfetto", "bad.ndjson", "-o", "x.json"), BAD_TRACES[case][1]
+    else:
+        args, where = {
+            "missing": (("--perfetto", "nope.ndjson", "-o", "x.json"), "nope.ndjson: No such file"),
+            "directory out": (("--perfetto", good, "-o", str(tmp_path)), f"{tmp_path}: Is a directory"),
+            "no such dir out": (("--perfetto", good, "-o", "/nonexistent/x.json"), "/nonexistent/x.json: No such"),
+            "full disk": (("--perfetto", good, "-o", "/dev/full"), "/dev/full: No space left"),
+            "the trace itself": (("--perfetto", good, "-o", good), "is the trace itself"),
+            "no format": ((good, "-o", "x.json"), "--perfetto"),
+        }[case]
+    r = cli_run("export", *args)
+    assert r.exit_code == 2 and not Path("x.json").exists()  # nothing written when the input is bad
+    assert where in r.stderr and "Traceback" not in r.stderr, r.stderr
+    if case != "no format":  # (click's usage error: its usual three lines)
+        assert r.stderr.count("\n") == 1, r.stderr
+    assert Path(good).read_bytes().startswith(b'{"format":"keyslot-trace"')  # never overwritten
+
+
+def test_cli_a_closed_pipe_is_one_line_not_a_traceback(tmp_path):
+    """As the installed command runs (main()), into a reader that stops early (`| head`)."""
+    trace = tmp_path / "t.ndjson"
+    assert cli_run("simulate", "-o", str(trace), "--requests", "2000").exit_code == 0
+    p = subprocess.Popen([sys.executable, "-c", "from tracer.cli import main; main()", "export", "--perfetto",
+                          "--no-check", str(trace), "-o", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.read(100).startswith(b'{"displayTimeUnit"')
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 2 and err == "keyslot-trace: stdout: Broken pipe\n", err

@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Wall time and peak memory of `export --perfetto` and `whatif` on a big simulated trace.
+
+Usage: python bench/export_cost.py [--events N]
+
+Makes a concurrent simulated trace of about N events with `keyslot-trace simulate`
+(cached in $TMPDIR), then runs each command once, as a user would, in a fresh process,
+and reports its wall time and its own peak RSS (wait4's rusage of that process only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "tracer.cli"]
+# ~5 events per request; the concurrent case of bench/replay_throughput.py
+SIMULATE = ["--threads", "4", "--cpus", "4", "--slots", "8", "--keys", "32", "--evict-rate", "0.01", "--seed", "7"]
+
+
+def run(args: list[str], stdout=subprocess.DEVNULL) -> tuple[float, float]:
+    """Run the command; its wall time (s) and peak RSS (MB)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(CLI + args, stdout=stdout, stderr=subprocess.PIPE, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    err = p.stderr.read().decode()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        sys.exit(f"keyslot-trace {' '.join(args)}: exit {p.returncode}\n{err}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=1_000_000)
+    args = ap.parse_args()
+    cache = Path(tempfile.gettempdir()) / "keyslot-trace-bench"
+    cache.mkdir(exist_ok=True)
+    trace = cache / f"concurrent-{args.events}.ndjson"
+    if not trace.exists():
+        run(["simulate", "--requests", str(args.events // 5), *SIMULATE, "-o", str(trace)])
+    events = sum(1 for _ in open(trace, "rb")) - 1
+    out = cache / "export.json"
+    cases = {
+        "export --perfetto": ["export", "--perfetto", str(trace), "-o", str(out)],
+        "export --perfetto --no-check": ["export", "--perfetto", "--no-check", str(trace), "-o", str(out)],
+        "whatif --slots 1-64": ["whatif", "--slots", "1-64", str(trace)],
+    }
+    print(f"trace: keyslot-trace simulate --requests {args.events // 5} {' '.join(SIMULATE)}: {events:,} events")
+    print(f"{'command':30} {'wall':>8} {'events/s':>10} {'peak RSS':>9}")
+    for name, cmd in cases.items():
+        wall, rss = run(cmd)
+        print(f"{name:30} {wall:>6.1f} s {events / wall:>10,.0f} {rss:>6.0f} MB", flush=True)
+    print(f"(export output: {out.stat().st_size / 1e6:,.0f} MB)")
+    out.unlink()
+
+
+if __name__ == "__main__":
+    main()
