@@ -100,6 +100,9 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
     ids = 0
     last_marker_t = -1  # the last lost marker: events before it may be missing
     thread_last: dict[tuple, int] = {}  # thread_key -> time of its last call seen
+    # thread_key -> driver callbacks that ran outside any operation: impossible, unless the
+    # thread's next event is the return of an operation whose call was lost (judged then)
+    stray: dict[tuple, OpRecord] = {}
 
     def all_seen(h: ProfileHistory, k: tuple) -> str | None:
         """Why this thread's operation on this profile cannot have begun unseen: the
@@ -124,6 +127,12 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
                              "and no loss was reported")
         _finish(h, rec, None, t)
 
+    def settle(k: tuple) -> None:
+        """No return claimed the thread's stray callbacks: no kernel makes them."""
+        rec = stray.pop(k, None)
+        if rec is not None:
+            hist(rec.profile).points.append((rec.call.t, 1, RETURN, rec))  # no CALL: it is no operation to linearize
+
     for ev in events:
         kind = ev.kind
         if kind is EventKind.lost:
@@ -147,6 +156,8 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
         k = thread_key(ev)
         stack = open_ops.setdefault(k, [])
         seen_before = all_seen(h, k)
+        if k in stray and kind not in _PARENTS and kind not in _CLOSERS and kind is not EventKind.put_call:
+            settle(k)  # (an interrupt's put may run inside the operation whose call was lost)
         if kind is EventKind.profile_init:
             h.num_slots, h.from_start, h.init_t = ev.num_slots, True, ev.t
             h.device = ev.device or h.device
@@ -179,9 +190,15 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
             i = next((i for i in range(len(stack) - 1, -1, -1) if stack[i].kind == name
                       and (ev.key is None or stack[i].call is None or stack[i].call.key == ev.key)), None)
             if i is not None:
+                if name != "put":
+                    settle(k)
                 while len(stack) > i + 1:  # opened after it, still open: their returns were missed
                     never_returned(h, stack.pop(), ev.t, f"the {name} it was inside returned first")
-                _finish(h, stack.pop(), ev, ev.t)
+                rec = stack.pop()
+                _finish(h, rec, ev, ev.t)
+                if not rec.incomplete and (why := _unpaired(rec.subs)):
+                    h.unexplained.append(f"{why} (in the {name} called at line {rec.call.line}) "
+                                         "and no loss was reported")
             else:
                 # Its call happened before the trace started (or was lost): the
                 # operation may have taken effect at any time before now. An open
@@ -194,6 +211,12 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
                                          f"({seen_before}) and no loss was reported")
                 ids += 1
                 rec = OpRecord(ids, name, ev.profile, ev.tid, ev.cpu, None, incomplete=True)
+                cb = stray.get(k)
+                if cb is not None and name in _PARENTS[cb.call.kind] and (name == "reprogram" or cb.call.key == ev.key):
+                    # the callbacks were this operation's, whose call was lost: events are
+                    # missing (above), nothing the kernel did is wrong
+                    rec.subs = stray.pop(k).subs
+                settle(k)
                 h.points.append((_first_t(h, ev.t), 0, CALL, rec))
                 _finish(h, rec, ev, ev.t)
         else:  # driver callback inside an operation on this thread and profile
@@ -215,14 +238,18 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
                     "reprogram_all program a slot, only evict evicts one")
             elif kind is EventKind.drv_evict_call and ev.key is None:
                 pass  # rule 9: a driver clearing its slots at probe is no manager operation
+            elif k in stray:
+                stray[k].subs.append(ev)
             elif seen_before and kind in (EventKind.program_call, EventKind.drv_evict_call):
                 # No operation of this thread is open for it, and none can have begun unseen.
                 ids += 1
-                rec = OpRecord(ids, "callback", ev.profile, ev.tid, ev.cpu, ev, ev, [ev], impossible=(
+                inside = ", inside a put (puts make none)" if stack else ""
+                stray[k] = OpRecord(ids, "callback", ev.profile, ev.tid, ev.cpu, ev, ev, [ev], impossible=(
                     f"the driver's {what} callback at line {ev.line} ran outside any get, evict or "
-                    f"reprogram_all of its thread ({seen_before}, no loss reported)"))
-                h.points.append((ev.t, 1, RETURN, rec))  # no CALL: it is no operation to linearize
+                    f"reprogram_all of its thread{inside} ({seen_before}, no loss reported)"))
             # Otherwise its parent's call predates the trace, or a loss: nothing to attach it to.
+    for k in list(stray):
+        settle(k)
     for stack in open_ops.values():  # still in flight at the end of the trace: it may or may not have taken effect
         for rec in stack:
             rec.incomplete = True
@@ -275,20 +302,46 @@ def to_model_op(rec: OpRecord):
         if ret is None or (drv is not None and drv.result is None):
             inc = True
         return Evict(key, ret.result if ret else None, drv, inc)
-    programs = tuple(p for p in _programs(rec.subs))
+    programs = tuple(_programs(rec.subs))
     return Reprogram(programs, inc or ret is None or call is None)
 
 
-def _programs(subs: list[Event]):
-    open_: dict[int, Event] = {}
+def _programs(subs: list[Event]) -> list[Program]:
+    """reprogram_all's program callbacks in the order they were called (one whose return
+    was lost keeps its place: the order is what rule 8 checks)."""
+    out: list[Program] = []
+    open_: dict[int, int] = {}  # slot -> index in out
     for e in subs:
         if e.kind is EventKind.program_call:
-            open_[e.slot] = e
+            open_[e.slot] = len(out)
+            out.append(Program(e.slot, e.key, None))
         elif e.kind is EventKind.program_return:
-            open_.pop(e.slot, None)
-            yield Program(e.slot, e.key, e.result)
+            i = open_.pop(e.slot, None)
+            if i is None:  # its call was lost
+                out.append(Program(e.slot, e.key, e.result))
+            else:
+                out[i] = Program(e.slot, e.key, e.result)
+    return out
+
+
+_CALLBACK_CALL = {EventKind.program_return: EventKind.program_call,
+                  EventKind.drv_evict_return: EventKind.drv_evict_call}
+
+
+def _unpaired(subs: list[Event]) -> str | None:
+    """A driver callback of a complete operation whose call or return is missing."""
+    open_: dict[tuple, Event] = {}
+    for e in subs:
+        what = "program" if e.kind in (EventKind.program_call, EventKind.program_return) else "evict"
+        if e.kind in _CALLBACK_CALL:
+            if open_.pop((_CALLBACK_CALL[e.kind], e.slot), None) is None:
+                return f"the driver's {what} callback returning at line {e.line} has no call"
+        else:
+            open_[(e.kind, e.slot)] = e
     for e in open_.values():
-        yield Program(e.slot, e.key, None)
+        what = "program" if e.kind is EventKind.program_call else "evict"
+        return f"the return of the driver's {what} callback at line {e.line} was never seen"
+    return None
 
 
 def _program(subs: list[Event]) -> Program | None:

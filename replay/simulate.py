@@ -32,6 +32,9 @@ INJECTIONS = {
     "lost-put": "the tracer drops a put's events (the kernel did put)",
 }
 
+#: the simulated processes' comms (get_call's comm); thread 1000+i belongs to process i % len
+PROCESSES = ("fio", "postgres", "rsync")
+
 
 
 @dataclass
@@ -51,6 +54,9 @@ class Workload:
     semantics: str = "mainline-unlink"
     seed: int = 1
     inject_after: int = 50  # gets a profile serves before an injected bug may show
+    # the tracer's per-CPU loss (not the kernel's): the chance that an event overflows its CPU's
+    # perf buffer, which then drops 1-40 of that CPU's events while the other CPUs' keep coming
+    cpu_loss: float = 0.0
 
 
 @dataclass
@@ -91,7 +97,7 @@ class _Sim:
     def __init__(self, w: Workload, out: IO[bytes], inject: str | None):
         self.w, self.inject, self.injected = w, inject, None
         self.rng = random.Random(w.seed)
-        self.now = 1_000_000_000
+        self.now = self.start_t = 1_000_000_000
         self.queue: list = []
         self.seq = 0
         self.line = 1
@@ -104,15 +110,39 @@ class _Sim:
         self.out = TraceWriter(out, header)
         self.requests_left = w.requests
         self.pending_bug: dict = {}  # per-injection scratch state
+        # per-CPU loss: its own random stream, so the simulated kernel runs the same with or without it
+        self.loss_rng = random.Random(f"{w.seed}:cpu-loss")
+        self.losing: dict[int, int] = {}  # cpu -> events still to drop
+        self.lost: dict[int, int] = {}  # cpu -> events dropped since its last written one
+        self.cpu_last: dict[int, int] = {}  # cpu -> time of its last written event
 
     # -- plumbing --------------------------------------------------------------
     def emit(self, th, ev: str, p: _Profile | None, **fields) -> int:
-        self.line += 1
-        if th == "drop":  # lost-put: the tracer never wrote it
-            self.line -= 1
+        if th == "drop" or (self.w.cpu_loss and self.lose(th.cpu)):  # the tracer never wrote it
             return self.line
+        self.line += 1
         self.out.write(ev, self.now, th.cpu, th.tid, p.id if p else None, **fields)
+        self.cpu_last[th.cpu] = self.now
         return self.line
+
+    def lose(self, cpu: int) -> bool:
+        """Is this event of ``cpu`` lost? Perf buffers lose per CPU: the reader learns of a
+        loss when it next reads that CPU, so the marker goes before its first surviving event
+        and spans from its last written one, as record writes it."""
+        if not self.losing.get(cpu) and self.loss_rng.random() < self.w.cpu_loss:
+            self.losing[cpu] = self.loss_rng.randint(1, 40)
+        if self.losing.get(cpu):
+            self.losing[cpu] -= 1
+            self.lost[cpu] = self.lost.get(cpu, 0) + 1
+            return True
+        self.report_lost(cpu)
+        return False
+
+    def report_lost(self, cpu: int) -> None:
+        if self.lost.get(cpu):
+            self.out.write("lost", self.now, cpu, 0, None, count=self.lost.pop(cpu),
+                           since=self.cpu_last.get(cpu, self.start_t), why="perf-buffer")
+            self.line += 1
 
     def schedule(self, dt: int, gen) -> None:
         self.seq += 1
@@ -132,6 +162,8 @@ class _Sim:
         while self.queue:
             self.now, _, gen = heapq.heappop(self.queue)
             self._resume(gen)
+        for cpu in sorted(self.lost):  # still losing at the end: the last read reports it
+            self.report_lost(cpu)
         return self.injected
 
     def _resume(self, gen) -> None:
@@ -177,6 +209,10 @@ class _Sim:
 class _Thread:
     def __init__(self, sim: _Sim, tid: int, cpu: int):
         self.sim, self.tid, self.cpu = sim, tid, cpu
+        # its process: threads are dealt round-robin to a few processes, each led by its first thread
+        # (so pid = that thread's tid, as in Linux). Derived, not drawn: the random streams stay as they were.
+        n = min(len(PROCESSES), sim.w.threads)
+        self.pid, self.comm = 1000 + (tid - 1000) % n, PROCESSES[(tid - 1000) % n]
         self.recent: list[str] = []
         self.forced_key: tuple | None = None
 
@@ -232,7 +268,7 @@ class _Thread:
     def get(self, p: _Profile, key: str) -> Iterator:
         s = self.sim
         yield from self.enter(p)
-        start_line = s.emit(self, "get_call", p, key=key)
+        start_line = s.emit(self, "get_call", p, key=key, pid=self.pid, comm=self.comm)
         try:
             return (yield from self._get(p, key, start_line))
         finally:

@@ -249,6 +249,50 @@ def test_one_cpus_perf_buffer_loss_never_diverges(seed):
     assert r.verdict is Verdict.UNKNOWN, r.divergence and (r.divergence.reason, r.divergence.op.line)
 
 
+def test_the_simulators_per_cpu_loss_drops_runs_of_one_cpus_events_and_marks_them():
+    kw = dict(threads=4, cpus=4, slots=3, keys=10, requests=300, seed=5)
+    _, full = load_records(sim_bytes(**kw)[0])
+    _, lossy = load_records(sim_bytes(**kw, cpu_loss=0.01)[0])
+    markers = [r for r in lossy if r["ev"] == "lost"]
+    kept = iter(r for r in lossy if r["ev"] != "lost")
+    nxt, dropped = next(kept, None), []
+    for r in full:  # the same run of the simulated kernel, less what the tracer lost
+        if r == nxt:
+            nxt = next(kept, None)
+        else:
+            dropped.append(r)
+    assert nxt is None and dropped and sum(m["count"] for m in markers) == len(dropped)
+    for r in dropped:  # each in a window of its own CPU's marker
+        assert any(m["cpu"] == r["cpu"] and m["since"] <= r["t"] <= m["t"] for m in markers), r
+
+
+@pytest.mark.parametrize("seed", range(1, 13))
+def test_the_simulators_per_cpu_loss_never_diverges(seed):
+    """The simulator's own loss model (Workload.cpu_loss): one CPU's perf buffer overflows
+    at any event and drops a run of that CPU's events, the others' keep coming, and the
+    marker spans from its last event written to its first surviving one, as record writes
+    it. Over waits, evicts, program failures, reprogram_all and passthrough, in every flavour."""
+    data, _ = sim_bytes(threads=3 + seed % 5, cpus=2 + seed % 3, slots=1 + seed % 5, keys=6 + seed % 10,
+                        requests=600, seed=seed, evict_rate=0.05, program_failure=0.03 * (seed % 2),
+                        reprogram_rate=0.02 * (seed % 3 == 0), passthrough=int(seed % 4 == 0), hold_us=30,
+                        semantics=SEMANTICS[seed % 3], cpu_loss=0.003)
+    trace = parse_trace(data)
+    assert sum(e.kind.name == "lost" and e.since is not None for e in trace.events) >= 2
+    r = check(trace)
+    assert r.verdict is Verdict.UNKNOWN, r.divergence and (r.divergence.reason, r.divergence.op.line)
+
+
+@pytest.mark.parametrize("seed", [2, 3, 4, 5])  # a loss window before the bug, none around it
+def test_a_bug_outside_the_simulators_loss_windows_is_still_found(seed):
+    data, injected = sim_bytes(inject="wrong-victim", threads=4, cpus=4, slots=6, keys=24, requests=3000, seed=seed,
+                               cpu_loss=0.0003, inject_after=400)
+    trace = parse_trace(data)
+    windows = [(e.since, e.t) for e in trace.events if e.kind.name == "lost"]
+    assert any(t < injected.t for _, t in windows) and not any(a <= injected.t <= b for a, b in windows)
+    r = check(trace)
+    assert r.verdict is Verdict.DIVERGED and r.divergence.op.call.line == injected.line, r.divergence
+
+
 def test_a_divergence_report_is_the_same_in_every_run(tmp_trace):
     """The checker holds a set of possible states; the report used to show whichever the
     hash order gave (four different LRU orders in six runs). Run it under several hash
