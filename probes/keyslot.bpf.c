@@ -149,6 +149,8 @@ static __always_inline void emit(void *ctx, u32 kind, struct frame *f, s32 resul
 	e.tgid = id >> 32;
 	e.slot = f->slot;
 	e.result = result;
+	if (kind == KS_GET_CALL) /* whose get: the task's comm (tgid is above) */
+		bpf_get_current_comm(e.name, KS_COMM_LEN);
 	events.perf_submit(ctx, &e, sizeof(e));
 }
 

@@ -46,6 +46,7 @@ enum ks_event_kind { KS_EVENT_KINDS(KS_ENUM_ENTRY) };
 #define KS_AUX_FALLBACK_SHIFT 32
 
 #define KS_NAME_LEN 32 /* DISK_NAME_LEN */
+#define KS_COMM_LEN 16 /* TASK_COMM_LEN: a task's comm, NUL included */
 
 /*
  * One fixed-size record per kernel event. 64-bit fields first so that the
@@ -66,7 +67,11 @@ struct ks_event {
 	__s32 slot;     /* slot index, or KS_NO_SLOT */
 	__s32 result;   /* *_RETURN: blk_status_t (get, mainline) or -errno;
 	                   PROFILE_INIT: KS_PROFILE_* flags */
-	char name[KS_NAME_LEN]; /* PROFILE_REGISTER: disk name */
+	char name[KS_NAME_LEN]; /* PROFILE_REGISTER: disk name;
+	                           GET_CALL: the task's comm (bpf_get_current_comm, at most
+	                           KS_COMM_LEN bytes, NUL included): whose get it is, with tgid.
+	                           A get run from an interrupt (rare) names the interrupted
+	                           task. Other kinds: empty. */
 };
 
 /*
@@ -126,6 +131,7 @@ struct ks_slot_state {
 
 #ifndef __BPF__
 _Static_assert(sizeof(struct ks_event) == 88, "struct ks_event layout changed");
+_Static_assert(KS_COMM_LEN <= KS_NAME_LEN, "a comm fits in struct ks_event.name");
 _Static_assert(sizeof(struct ks_counters) % 8 == 0, "bcc reads per-CPU values in 8-byte units");
 #endif
 

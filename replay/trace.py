@@ -17,7 +17,7 @@ from typing import IO, Any, NamedTuple
 
 import orjson
 
-from probes.events import NO_SLOT, EventKind
+from probes.events import COMM_LEN, NO_SLOT, EventKind
 
 FORMAT_NAME = "keyslot-trace"
 FORMAT_VERSION = "1.0"
@@ -27,6 +27,8 @@ MAJOR_VERSION = 1
 API_GENERATIONS = ("blk_crypto", "blk_ksm", "keyslot_manager")
 #: Semantics flavours: which reference model applies (replay/model.py).
 SEMANTICS = ("mainline-keep", "mainline-unlink", "android")
+#: A task's comm: TASK_COMM_LEN bytes with the NUL.
+MAX_COMM = COMM_LEN - 1
 
 
 class TraceFormatError(Exception):
@@ -93,6 +95,8 @@ class Event(NamedTuple):
     device: str | None = None  # profile_init, profile_attach, profile_register
     since: int | None = None  # lost: events may be missing from this time on, not only after t
     line: int = 0
+    pid: int | None = None  # get_call, optional: the process (tgid) whose task called get
+    comm: str | None = None  # get_call, optional: that task's comm (at most 15 characters)
 
 
 # Fields each kind must carry, beyond t/cpu/tid/ev/p. "?" marks nullable fields.
@@ -198,7 +202,7 @@ def _parse_event(path: str, lineno: int, obj: Any) -> Event:
     profile = obj.get("p")
     if type(profile) is not str and kind is not EventKind.lost:
         raise TraceFormatError(path, lineno, f"{kind.name}: missing profile id 'p'")
-    values: list[Any] = [t, cpu, tid, kind, profile, None, None, None, None, None, None, None, lineno]
+    values: list[Any] = [t, cpu, tid, kind, profile, None, None, None, None, None, None, None, lineno, None, None]
     for fname, ftype, nullable in _SPECS[kind]:
         v = obj.get(fname, _MISSING)
         if type(v) is not ftype:
@@ -221,7 +225,20 @@ def _parse_event(path: str, lineno: int, obj: Any) -> Event:
         if type(since) is not int or not 0 <= since <= t:
             raise TraceFormatError(path, lineno, f"lost: 'since' must be an integer time between 0 and t, got {since!r}")
         values[11] = since
+    elif kind is EventKind.get_call and ("pid" in obj or "comm" in obj):
+        values[13], values[14] = _attribution(path, lineno, obj)
     return _new_event(Event, values)
+
+
+def _attribution(path: str, lineno: int, obj: dict) -> tuple[int | None, str | None]:
+    """get_call's optional pid (the process, tgid) and comm (its task's name)."""
+    pid, comm = obj.get("pid"), obj.get("comm")
+    if pid is not None and (type(pid) is not int or pid < 0):
+        raise TraceFormatError(path, lineno, f"get_call: field 'pid' must be a non-negative integer, got {pid!r}")
+    if comm is not None and (type(comm) is not str or len(comm) > MAX_COMM):
+        raise TraceFormatError(path, lineno, f"get_call: field 'comm' must be a string of at most {MAX_COMM} "
+                                             f"characters, got {comm!r}")
+    return pid, comm
 
 
 _MISSING = object()

@@ -11,7 +11,7 @@ import hashlib
 import os
 from typing import Any, Callable
 
-from probes.events import AUX_FALLBACK_SHIFT, NO_SLOT, PROFILE_IS_FALLBACK, EventKind, RawEvent
+from probes.events import AUX_FALLBACK_SHIFT, COMM_LEN, NO_SLOT, PROFILE_IS_FALLBACK, EventKind, RawEvent
 
 FALLBACK_DEVICE = "blk-crypto-fallback"
 
@@ -115,6 +115,11 @@ class Decoder:
             fields["status"] = e.result
         elif kind in _WITH_RESULT:
             fields["result"] = e.result
+        elif kind is EventKind.get_call:
+            # whose get: the process (tgid) and the task's comm, on get_call only (trace size).
+            # A comm is the task's own name, not a secret; at most COMM_LEN - 1 bytes.
+            fields["pid"] = e.tgid
+            fields["comm"] = e.name[:COMM_LEN - 1].decode(errors="replace")
         self._write(e, kind, pid, **fields)
 
     def lost(self, cpu: int, count: int, start_t: int, at: int | None = None, since: int | None = None,
@@ -131,6 +136,6 @@ class Decoder:
             record["why"] = why
         self.write(record)
 
-    def _write(self, e: RawEvent, kind: EventKind, pid: str, **fields: Any) -> None:
+    def _write(self, e: RawEvent, kind: EventKind, profile_id: str, /, **fields: Any) -> None:
         self.counts[kind.name] = self.counts.get(kind.name, 0) + 1
-        self.write({"t": e.ts_ns, "cpu": e.cpu, "tid": e.tid, "ev": kind.name, "p": pid, **fields}, e.profile)
+        self.write({"t": e.ts_ns, "cpu": e.cpu, "tid": e.tid, "ev": kind.name, "p": profile_id, **fields}, e.profile)

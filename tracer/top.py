@@ -1,8 +1,9 @@
 """keyslot-trace top: a live view of the keyslot manager, from the kernel's probes
 or replayed from a recorded trace.
 
-USAGE: keyslot-trace top [-d DISK] [-o FILE] [--every-event] [--json] [interval [count]]  (live: root, bcc)
-       keyslot-trace top --from FILE [--speed X] [--check] [--json] [interval [count]]
+USAGE: keyslot-trace top [-d DISK] [-o FILE] [--every-event [-p PID] [--comm NAME]] [--json] [interval [count]]
+                                                                                   (live: root, bcc)
+       keyslot-trace top --from FILE [--speed X] [--check] [-p PID] [--comm NAME] [--json] [interval [count]]
 
 Three parts, kept apart:
 
@@ -46,7 +47,7 @@ from rich.live import Live
 from replay import checker
 from replay.report import describe_op
 from replay.trace import Event, Trace, _parse_event
-from tracer.tui.aggregate import Aggregator, Interval, Snapshot
+from tracer.tui.aggregate import Aggregator, Interval, ProcFilter, Snapshot
 from tracer.tui.kernel_counts import KernelAggregator
 from tracer.tui.render import SORTS, View, json_record, plain_block, render, visible_profiles
 
@@ -227,11 +228,14 @@ class CheckMarks:
 
 
 def run(trace: Trace, *, speed: float = 1.0, check: bool = False, as_json: bool = False,
-        interval_s: float = 1.0, count: int | None = None, out: TextIO | None = None) -> int:
+        interval_s: float = 1.0, count: int | None = None, out: TextIO | None = None,
+        proc_filter: ProcFilter | None = None) -> int:
     """Replay ``trace`` into the screen (a terminal) or into plain/JSON lines.
+    ``proc_filter``: count and log only those processes' gets (the slot map stays whole).
     Returns the exit status: 1 if --check showed a divergence, else 0."""
     out = out or sys.stdout
-    agg = Aggregator(trace.header, os.path.basename(trace.path), max(1, round(interval_s * 1e9)))
+    agg = Aggregator(trace.header, os.path.basename(trace.path), max(1, round(interval_s * 1e9)),
+                     proc_filter=proc_filter)
     source = FileSource(trace.events, speed)
     key_fd = None if as_json or not out.isatty() else _open_keys()
     if key_fd is not None and check:
@@ -243,7 +247,8 @@ def run(trace: Trace, *, speed: float = 1.0, check: bool = False, as_json: bool 
 
 
 def run_live(recorder, *, as_json: bool = False, interval_s: float = 1.0, count: int | None = None,
-             out: TextIO | None = None, name: str = "live", clock: Callable[[], int] = time.monotonic_ns) -> int:
+             out: TextIO | None = None, name: str = "live", clock: Callable[[], int] = time.monotonic_ns,
+             proc_filter: ProcFilter | None = None) -> int:
     """Watch the kernel through ``recorder`` (a tracer.record.Recorder, attached) into
     the screen or into plain/JSON lines until COUNT intervals, q, Ctrl-C or SIGTERM.
     Detaches before returning. Returns the exit status (0).
@@ -252,12 +257,14 @@ def run_live(recorder, *, as_json: bool = False, interval_s: float = 1.0, count:
     from the kernel's maps (tracer/tui/kernel_counts.py) and only rare events
     arrive; otherwise every event is read and counted here."""
     out = out or sys.stdout
+    if proc_filter is not None and getattr(recorder, "aggregate", False):  # the kernel counts per profile
+        raise ValueError("a process filter needs every event (the in-kernel counters have no processes)")
     source = LiveSource(recorder, clock)
     interval_ns = max(1, round(interval_s * 1e9))
     if getattr(recorder, "aggregate", False):
         agg = KernelAggregator(source.header, name, interval_ns, recorder.read_counts, recorder.decoder, clock)
     else:
-        agg = Aggregator(source.header, name, interval_ns)
+        agg = Aggregator(source.header, name, interval_ns, proc_filter=proc_filter)
     agg.start_at(source.t0)
     key_fd = None if as_json or not out.isatty() else _open_keys()
     old: dict = {}
@@ -316,9 +323,10 @@ def _run_lines(agg: Aggregator, source: FileSource | LiveSource, marks: CheckMar
         snap = agg.snapshot(marks.shown if marks else None)
         snap = replace(snap, elapsed_ns=iv.end - (agg.t_first or 0))
         if as_json:
-            line = orjson.dumps(json_record(snap, iv.counts, iv.seconds, iv.lost, (iv.start, iv.end), iv.read_end)).decode()
+            line = orjson.dumps(json_record(snap, iv.counts, iv.seconds, iv.lost, (iv.start, iv.end), iv.read_end,
+                                            iv.processes)).decode()
         else:
-            line = plain_block(snap, iv.counts, iv.seconds, iv.lost, new) + "\n"
+            line = plain_block(snap, iv.counts, iv.seconds, iv.lost, new, iv.processes) + "\n"
         out.write(line + "\n")
         out.flush()
         printed += 1

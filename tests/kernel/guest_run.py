@@ -11,8 +11,8 @@ scenario starts and stopped after the last, so each sees the same kernel activit
 through its own attach mechanism: trace-TYPE.ndjson and record-TYPE.log.
 
 Also writes to OUT: <scenario>.json (workload reports), doctor.txt, run.json
-(per-scenario CLOCK_MONOTONIC windows in ns, exit codes, how long compiling and
-attaching took). The host side is tests/kernel/test_e2e.py and test_ksdisk.py.
+(per-scenario CLOCK_MONOTONIC windows in ns, exit codes, the scenario process's pid
+and comm, how long compiling and attaching took). The host side is tests/kernel/test_e2e.py and test_ksdisk.py.
 """
 
 from __future__ import annotations
@@ -94,9 +94,13 @@ def main() -> int:
         if runner == "ksdisk":
             cmd += ["--ko", args.ko]
         start = time.monotonic_ns()
-        w = subprocess.run(cmd, capture_output=True, text=True, env=scenario_env)
+        w = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=scenario_env)
+        _, stderr = w.communicate()
+        # whose gets: the scenario's process (its threads share this pid, the tgid get_call records)
+        # and the comm exec gave it (the executable's name; threads inherit it)
         run["scenarios"][name] = {"runner": runner, "start_ns": start, "end_ns": time.monotonic_ns(),
-                                  "rc": w.returncode, "stderr": w.stderr[-2000:]}
+                                  "rc": w.returncode, "stderr": stderr[-2000:], "pid": w.pid,
+                                  "comm": os.path.basename(cmd[0])[:15]}
         status |= w.returncode != 0
 
     time.sleep(0.5)

@@ -120,6 +120,25 @@ def test_counts_match_the_workload(recording):
         # together; there the ksdisk deep-queue scenario shows refs > 1.)
 
 
+def test_every_get_names_its_process(recording):
+    """get_call carries the process (pid: the kernel's tgid) and the task's comm, in every
+    recorder's trace. Each fscrypt workload writes its files and fsyncs them, and the fallback
+    encrypts a write in the task that submits it, so some gets in its window are the
+    workload's own, with the comm exec gave it (guest_run.py records both). Only that is
+    certain: the other gets are writeback's and the fallback's decryption's, in kworkers."""
+    for probe_type, trace in recording.traces.items():
+        for name in FSCRYPT_SCENARIOS:
+            calls = in_window(trace, *recording.window(name), "get_call")
+            assert calls, (probe_type, name)
+            bad = [e for e in calls if type(e.pid) is not int or e.pid < 0 or type(e.comm) is not str or not e.comm]
+            assert not bad, (probe_type, name, bad[:3])
+            who = recording.run["scenarios"][name]
+            seen = sorted({(e.comm, e.pid) for e in calls})
+            own = [e for e in calls if e.pid == who["pid"]]
+            assert own, (probe_type, name, who, seen[:20])
+            assert any(e.comm == who["comm"] for e in own), (probe_type, name, who, seen[:20])
+
+
 def max_refs(gets, puts):
     events = sorted([(g.t, 1) for g in gets if g.slot is not None] + [(p.t, -1) for p in puts])
     refs = best = 0

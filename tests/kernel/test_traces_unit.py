@@ -34,3 +34,14 @@ def test_a_missing_put_far_from_any_window_is_reported():
     # just outside the skew allowed around the window it is reported too
     edge = 1_500_000_000 - RECORDER_SKEW_NS - 1_000
     assert history_differences(trace(*put(edge)), trace(lost(1_510_000_000, since=1_500_000_000)), 0, 10**10)
+
+
+def test_a_get_named_for_another_process_is_reported():
+    def get(pid, comm):
+        return [Event(1_000_000_000, 0, 55, EventKind.get_call, "p", key="k", pid=pid, comm=comm),
+                Event(1_000_000_100, 0, 55, EventKind.get_return, "p", key="k", slot=0, result=0)]
+
+    assert history_differences(trace(*get(50, "fio")), trace(*get(50, "fio")), 0, 10**10) == []
+    assert history_differences(trace(*get(50, "fio")), trace(*get(51, "fio")), 0, 10**10) == [
+        "tid 55 get_call at 1000000000: process fio:50 vs fio:51"]
+    assert history_differences(trace(*get(50, "fio")), trace(*get(50, "kworker/0:1")), 0, 10**10)

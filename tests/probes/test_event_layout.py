@@ -22,6 +22,7 @@ int main(void) {
     KS_EVENT_KINDS(PRINT_KIND)
     printf("const NO_SLOT %d\n", KS_NO_SLOT);
     printf("const NAME_LEN %d\n", KS_NAME_LEN);
+    printf("const COMM_LEN %d\n", KS_COMM_LEN);
     printf("const PROFILE_IS_FALLBACK %d\n", KS_PROFILE_IS_FALLBACK);
     printf("const AUX_FALLBACK_SHIFT %d\n", KS_AUX_FALLBACK_SHIFT);
     printf("const HIST_BUCKETS %d\n", KS_HIST_BUCKETS);
@@ -58,7 +59,7 @@ def test_constants_match(c_view):
     import probes.events as ev
 
     consts = {x[1]: int(x[2]) for x in c_view if x[0] == "const"}
-    assert consts == {name: getattr(ev, name) for name in consts} and len(consts) == 7
+    assert consts == {name: getattr(ev, name) for name in consts} and len(consts) == 8
 
 
 def test_counters_match_the_header_and_the_event_aggregator(c_view):
@@ -76,3 +77,16 @@ def test_counters_match_the_header_and_the_event_aggregator(c_view):
 def test_event_kinds_match(c_view):
     kinds = {x[1]: int(x[2]) for x in c_view if x[0] == "kind"}
     assert kinds == {k.name: k.value for k in EventKind}
+
+
+def test_the_probes_fill_name_with_the_comm_on_get_call_only():
+    """struct ks_event.name is the disk name of PROFILE_REGISTER and the task's comm of
+    GET_CALL (tracer/decode.py writes it as get_call's comm). The comm is read after the
+    in-kernel counting's early return, so counting in the kernel does not pay for it."""
+    from importlib import resources
+
+    src = resources.files("probes").joinpath("keyslot.bpf.c").read_text()
+    emit = src.split("static __always_inline void emit(", 1)[1].split("\n}\n", 1)[0]
+    assert "if (kind == KS_GET_CALL) /* whose get" in emit
+    assert emit.index("return; /* the hot path") < emit.index("bpf_get_current_comm(e.name, KS_COMM_LEN)")
+    assert src.count("bpf_get_current_comm") == 1

@@ -42,6 +42,12 @@ def err(data: bytes) -> TraceFormatError:
     (HEADER + b'{"t":1,"cpu":0,"tid":5,"ev":"put_call","p":"p1","slot":"3"}\n', 2, "'slot' must be int"),
     (HEADER + b'{"t":1,"cpu":0,"tid":5,"ev":"put_call","slot":3}\n', 2, "missing profile id"),
     (HEADER + HEADER, 2, "second header"),
+    (HEADER + EV.replace(b'}', b',"pid":-1}'), 2, "'pid' must be a non-negative integer, got -1"),
+    (HEADER + EV.replace(b'}', b',"pid":"12"}'), 2, "'pid' must be a non-negative integer, got '12'"),
+    (HEADER + EV.replace(b'}', b',"pid":true}'), 2, "'pid' must be a non-negative integer"),
+    (HEADER + EV.replace(b'}', b',"pid":1.5}'), 2, "'pid' must be a non-negative integer"),
+    (HEADER + EV.replace(b'}', b',"comm":7}'), 2, "'comm' must be a string of at most 15 characters, got 7"),
+    (HEADER + EV.replace(b'}', b',"comm":"sixteen-chars-xx"}'), 2, "'comm' must be a string of at most 15"),
 ])
 def test_bad_input_is_one_line(data, line, words):
     e = err(data)
@@ -170,3 +176,12 @@ def test_fuzz_checker_on_arbitrary_event_sequences(events):
     except TraceFormatError:
         return
     assert check(trace).verdict in set(Verdict)
+
+
+def test_get_call_may_name_its_process():
+    """pid and comm on get_call are optional: read when there, None when not (older traces)."""
+    t = parse_trace(HEADER + EV.replace(b"}", b',"pid":0,"comm":"swapper/0"}')
+                    + b'{"t":2,"cpu":0,"tid":5,"ev":"get_call","p":"p1","key":"k2","comm":"fifteen-chars-x"}\n'
+                    + b'{"t":3,"cpu":0,"tid":5,"ev":"get_call","p":"p1","key":"k3","pid":77}\n' + EV, "x.ndjson")
+    assert [(e.line, e.pid, e.comm) for e in t.events] == [(2, 0, "swapper/0"), (5, None, None),
+                                                           (3, None, "fifteen-chars-x"), (4, 77, None)]

@@ -8,9 +8,9 @@ from tracer.decode import Decoder, Fingerprinter
 PROFILE, KEY = 0xFFFF888012345000, 0xFFFF888099990000
 
 
-def raw(kind, t, profile=PROFILE, key=0, slot=NO_SLOT, result=0, aux=4, name=b"", tid=7):
+def raw(kind, t, profile=PROFILE, key=0, slot=NO_SLOT, result=0, aux=4, name=b"", tid=7, tgid=None):
     return RawEvent(ts_ns=t, profile=profile, key=key, aux=aux, kind=EventKind[kind].value, cpu=0, tid=tid,
-                    tgid=tid, slot=slot, result=result, name=name)
+                    tgid=tid if tgid is None else tgid, slot=slot, result=result, name=name)
 
 
 def decode(events, **kw):
@@ -144,3 +144,32 @@ def test_a_fallback_older_than_the_recording_is_kept_by_only_device():
                     raw("get_call", 11, profile=other, key=KEY, aux=8)], only_device="ksdisk0")
     assert [(r["ev"], r.get("device"), r.get("num_slots")) for r in lines] == [
         ("profile_attach", "blk-crypto-fallback", 4), ("get_call", None, None)]
+
+
+def test_a_get_call_names_its_process_and_nothing_else_does():
+    """get_call carries pid (the tgid) and comm (the task's name, from the probe's
+    bpf_get_current_comm); no other line does, to keep traces small. The trace replays as before."""
+    lines = decode([raw("profile_init", 1, aux=2),
+                    raw("get_call", 10, key=KEY, tid=1234, tgid=1200, name=b"fio"),
+                    raw("program_call", 11, key=KEY, slot=0, tid=1234, tgid=1200),
+                    raw("program_return", 12, key=KEY, slot=0, tid=1234, tgid=1200),
+                    raw("get_return", 13, key=KEY, slot=0, tid=1234, tgid=1200),
+                    raw("put_call", 20, slot=0, tid=0, tgid=0, name=b"swapper/1"),
+                    raw("put_return", 21, slot=0, tid=0, tgid=0)])
+    call = lines[1]
+    assert call["ev"] == "get_call" and (call["tid"], call["pid"], call["comm"]) == (1234, 1200, "fio")
+    assert all("pid" not in r and "comm" not in r for r in lines if r["ev"] != "get_call")
+    trace = parse_trace(dumps_events(Header(kernel="6.1", api="blk_crypto", semantics="mainline-unlink"), lines))
+    e = trace.events[1]
+    assert (e.pid, e.comm) == (1200, "fio") and check(trace).verdict is Verdict.AGREE
+
+
+def test_a_comm_is_at_most_15_characters_and_any_bytes_decode():
+    """The kernel's comm is 15 bytes and a NUL; bytes that are not UTF-8 (a comm is whatever a
+    program set) are replaced, never an error, and the reader accepts what the decoder wrote."""
+    [_, call] = decode([raw("get_call", 10, key=KEY, name=b"a-very-long-name-indeed")])
+    assert call["comm"] == "a-very-long-nam"
+    [_, call] = decode([raw("get_call", 10, key=KEY, name=b"bad\xff\xfename")])
+    assert call["comm"] == "bad\ufffd\ufffdname"
+    h = Header(kernel="6.1", api="blk_crypto", semantics="mainline-unlink")
+    assert parse_trace(dumps_events(h, [call])).events[0].comm == call["comm"]

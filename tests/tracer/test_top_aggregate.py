@@ -164,3 +164,110 @@ def test_wrong_victim_is_visible_in_the_lru_ranks():
     p = next(p for p in agg.snapshot().profiles if p.id == call.profile)
     ranks = {s.lru: s.index for s in p.slots if s.lru is not None}
     assert e.slot == injected.slot and ranks[1] == injected.slot and ranks[0] != injected.slot
+
+
+# -- processes: get_call's pid and comm --------------------------------------------------
+
+
+def owned(recs, pid, comm):
+    """Name the process of every get_call in ``recs``."""
+    return [{**r, "pid": pid, "comm": comm} if r["ev"] == "get_call" else r for r in recs]
+
+
+def two_processes():
+    """fio (pid 100, threads 101 and 102) and a kworker (pid 57): 3 and 2 gets, one evict, one reprogram_all."""
+    recs = [init(2)]
+    recs += owned(get(10, 101, "kA", 0, program=(0, 0, 5)), 100, "fio")  # miss
+    recs += owned(get(30, 57, "kB", 1, program=(1, -5, 5), status=10), 57, "kworker/u4:1")  # a failed miss
+    recs += owned(get(50, 102, "kA", 0), 100, "fio")  # hit
+    recs += put(70, 0, 0) + put(80, 0, 0)  # puts in interrupts: nobody's
+    recs += owned(get(100, 57, "kC", 1, program=(1, 0, 5)), 57, "kworker/u4:1")  # miss
+    recs += [ev(130, 7, "evict_call", key="kA"), ev(131, 7, "drv_evict_call", key="kA", slot=0),
+             ev(132, 7, "drv_evict_return", key="kA", slot=0, result=0), ev(133, 7, "evict_return", key="kA", result=0)]
+    recs += [ev(140, 7, "reprogram_call"), ev(141, 7, "program_call", key="kC", slot=1),
+             ev(142, 7, "program_return", key="kC", slot=1, result=0), ev(143, 7, "reprogram_return")]
+    recs += owned(get(150, 101, "kC", 1), 100, "fio")  # hit
+    return recs
+
+
+def replay(recs, **kw):
+    trace = parse_trace(dumps_events(HEADER, recs))
+    agg = Aggregator(trace.header, "t.ndjson", interval_ns=10**6, **kw)
+    for e in trace.events:
+        agg.apply(e)
+    return agg
+
+
+def test_gets_are_counted_per_process():
+    snap = replay(two_processes()).snapshot()
+    assert snap.attributed and snap.proc_filter is None
+    procs = {v.label: v.counts for v in snap.processes}
+    assert set(procs) == {"fio:100", "kworker/u4:1:57"}
+    fio, kw = procs["fio:100"], procs["kworker/u4:1:57"]
+    assert (fio.gets, fio.hits, fio.misses, fio.programs, fio.errors) == (3, 2, 1, 1, 0)
+    assert (kw.gets, kw.hits, kw.misses, kw.programs, kw.errors) == (2, 0, 2, 2, 2)
+    assert fio.evicts == kw.evicts == fio.puts == 0  # evicts, puts and reprograms are nobody's
+    p = only(replay(two_processes()))
+    assert (p.counts.gets, p.counts.programs, p.counts.evicts, p.counts.puts, p.counts.reprograms) == (5, 4, 1, 2, 1)
+    assert snap.processes[0].label == "fio:100"  # busiest first
+    assert (snap.last_get.pid, snap.last_get.comm, snap.last_get.tid) == (100, "fio", 101)
+
+
+def test_a_process_filter_counts_only_its_gets_and_keeps_the_slot_map_whole():
+    from tracer.tui.aggregate import ProcFilter
+
+    for f in (ProcFilter(pid=57), ProcFilter(comm="kworker/u4:1"), ProcFilter(57, "kworker/u4:1")):
+        agg = replay(two_processes(), proc_filter=f)
+        snap = agg.snapshot()
+        p = snap.profiles[0]
+        assert snap.proc_filter == f
+        assert (p.counts.gets, p.counts.hits, p.counts.misses, p.counts.programs, p.counts.errors) == (2, 0, 2, 2, 2)
+        assert (p.counts.evicts, p.counts.puts, p.counts.reprograms) == (0, 0, 0)  # nobody's: not counted
+        assert sum(p.prog_hist) == 2 and sum(p.wait_hist) == 2  # its misses' only
+        # the slot map is everyone's: fio's hit on kC at t=150 holds slot 1, the evict emptied slot 0
+        assert [s.key for s in p.slots] == [None, "kC"] and p.slots[1].refs == 2
+        # the log: the kworker's gets, whole (their program calls and returns too), nothing else
+        assert {e.tid for e in snap.log} == {57}
+        assert [e.kind.name for e in snap.log][:4] == ["get_call", "program_call", "program_return", "get_return"]
+        assert [v.label for v in snap.processes] == ["kworker/u4:1:57"]
+        assert snap.last_get.tid == 57
+    none = replay(two_processes(), proc_filter=ProcFilter(pid=100, comm="kworker/u4:1")).snapshot()
+    assert none.profiles[0].counts.gets == 0 and none.log == () and none.processes == ()
+
+
+def test_a_long_comm_filter_is_cut_as_the_kernel_cuts_comms():
+    from tracer.tui.aggregate import ProcFilter
+
+    assert ProcFilter(comm="kworker/u4:1-events_unbound").comm == "kworker/u4:1-ev"  # 15 characters
+    assert str(ProcFilter(5, "fio")) == "pid 5 comm fio" and str(ProcFilter(comm="fio")) == "comm fio"
+
+
+def test_process_counts_per_interval():
+    recs = [init(2)] + owned(get(10, 101, "kA", 0, program=(0, 0, 5)), 100, "fio") + put(40, 101, 0)
+    recs += owned(get(1500, 57, "kA", 0), 57, "kworker/0:1H") + owned(get(1600, 102, "kA", 0), 100, "fio")
+    trace = parse_trace(dumps_events(HEADER, recs))
+    agg = Aggregator(trace.header, interval_ns=1000)
+    closed = []
+    for e in trace.events:
+        closed += agg.advance_to(e.t)
+        agg.apply(e)
+    closed += agg.advance_to(2000)
+    assert [{k[1:]: c.gets for k, c in iv.processes.items()} for iv in closed] == [
+        {(100, "fio"): 1}, {(57, "kworker/0:1H"): 1, (100, "fio"): 1}]
+    window = {v.label: (v.window.gets, v.counts.gets) for v in agg.snapshot().processes}
+    assert window == {"kworker/0:1H:57": (1, 1), "fio:100": (1, 2)}  # the last interval's, and since the start
+
+
+def test_a_trace_without_processes_shows_none():
+    snap = replay([init(2)] + get(10, 101, "kA", 0, program=(0, 0, 5))).snapshot()
+    assert not snap.attributed and snap.processes == () and snap.last_get.pid is None
+
+
+def test_simulated_threads_belong_to_a_few_processes():
+    trace, _ = sim_trace(threads=8, requests=300)
+    calls = [e for e in trace.events if e.kind.name == "get_call"]
+    assert calls and all(e.pid is not None and e.comm for e in calls)
+    procs = {(e.tid, e.pid, e.comm) for e in calls}
+    assert {(p, c) for _, p, c in procs} == {(1000, "fio"), (1001, "postgres"), (1002, "rsync")}
+    assert all((tid - 1000) % 3 == pid - 1000 for tid, pid, _ in procs)  # a thread stays in its process
+    assert {e.pid for e in calls if e.tid == e.pid} == {1000, 1001, 1002}  # each led by its first thread

@@ -77,3 +77,57 @@ def test_bad_input_is_one_line_and_exit_2_like_replay(tmp_path):
     r, rr = run("--from", str(p)), CliRunner().invoke(cli, ["replay", str(p)])
     assert r.exit_code == 2 and r.stderr == rr.stderr and r.stderr.count("\n") == 1
 
+
+
+def test_process_filter_from_a_file(sim):
+    """--comm/-p: the counts are those processes' gets, the JSON says so (evicts, puts and
+    reprograms, which are nobody's, are null); unfiltered, every process is listed."""
+    path, _ = sim
+    calls: dict[tuple, int] = {}
+    for line in open(path, "rb").read().splitlines()[1:]:
+        e = orjson.loads(line)
+        if e["ev"] == "get_call":
+            calls[(e["pid"], e["comm"])] = calls.get((e["pid"], e["comm"]), 0) + 1
+    assert set(calls) == {(1000, "fio"), (1001, "postgres"), (1002, "rsync")}
+    whole = [json.loads(x) for x in run("--from", path, "--speed", "0", "--json", "0.001").stdout.splitlines()]
+    assert "filter" not in whole[0]
+    for p in whole[0]["processes"]:
+        assert set(p) == {"pid", "comm", "profile", "gets", "hits", "misses", "waits", "programs", "errors"}
+    for args, who in ((["--comm", "postgres"], (1001, "postgres")), (["-p", "1002"], (1002, "rsync")),
+                      (["--pid", "1000", "--comm", "fio"], (1000, "fio"))):
+        r = run("--from", path, "--speed", "0", "--json", "0.001", *args)
+        assert r.exit_code == 0, r.output
+        records = [json.loads(x) for x in r.stdout.splitlines()]
+        assert records[0]["filter"] == {"pid": who[0] if "-p" in args or "--pid" in args else None,
+                                        "comm": who[1] if "--comm" in args else None}
+        assert sum(x["gets"] for x in records) == calls[who]  # every one returned: gets = get_calls
+        assert {(p["pid"], p["comm"]) for x in records for p in x["processes"]} == {who}
+        assert all(x["evicts"] is None and x["puts"] is None and x["reprograms"] is None for x in records)
+    plain = run("--from", path, "--speed", "0", "--comm", "postgres", "10").stdout
+    assert "(only comm postgres's gets)" in plain and "processes (gets/misses/waits): postgres:1001 " in plain
+    assert "evicts -" in plain
+    none = run("--from", path, "--speed", "0", "--json", "10", "--comm", "nobody")
+    assert none.exit_code == 0 and json.loads(none.stdout.splitlines()[0])["processes"] == []
+
+
+def test_process_filter_refusals_are_one_line_and_exit_2():
+    from pathlib import Path
+
+    old = Path(__file__).resolve().parents[2] / "examples/fallback-4slots.ndjson"  # recorded before pid/comm
+    r = run("--from", str(old), "-p", "1")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "gets name no process" in r.stderr
+    # live: the in-kernel counters have no processes (checked before root or bcc are needed)
+    for args in (["-p", "1"], ["--comm", "fio", "--json"]):
+        r = run(*args)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "need --every-event" in r.stderr, r.output
+    assert run("-p", "-3").exit_code == 2  # not a pid
+
+
+def test_replay_refuses_a_bad_comm_in_one_line(tmp_path):
+    p = tmp_path / "bad.ndjson"
+    p.write_bytes(b'{"format":"keyslot-trace","version":"1.0","kernel":"6.1","api":"blk_crypto",'
+                  b'"semantics":"mainline-unlink"}\n'
+                  b'{"t":1,"cpu":0,"tid":5,"ev":"get_call","p":"p1","key":"k1","pid":5,"comm":["x"]}\n')
+    r = CliRunner().invoke(cli, ["replay", str(p)])
+    assert r.exit_code == 2 and r.stderr == f"keyslot-trace: {p}:2: get_call: field 'comm' must be a string of " \
+                                            "at most 15 characters, got ['x']\n"

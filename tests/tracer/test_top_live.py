@@ -218,3 +218,24 @@ def test_sigterm_during_a_read_still_counts_every_event():
     lines = [json.loads(x) for x in out.splitlines()]
     assert status == 0 and rec.closed
     assert sum(x["gets"] for x in lines) == in_window(rec.trace, "get_return", 0, 1 << 63)
+
+
+def test_live_every_event_top_filters_by_process(tmp_path):
+    """Live with every event, -p/--comm count one process's gets (from a simulated trace with
+    three processes, delivered as the perf buffers would); in-kernel counting refuses them."""
+    from tracer.tui.aggregate import ProcFilter
+
+    path = tmp_path / "sim.ndjson"
+    assert CliRunner().invoke(cli, ["simulate", "-o", str(path), "--threads", "6", "--requests", "300"]).exit_code == 0
+    trace = read_trace(path)
+    rsync = sum(1 for e in trace.events if e.kind.name == "get_call" and e.comm == "rsync")
+    status, out = run_live(FakeRecorder(path, stop_after_ns=10**9), as_json=True, interval_s=0.5,
+                           proc_filter=ProcFilter(comm="rsync"))
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert status == 0 and lines and all(x["filter"] == {"pid": None, "comm": "rsync"} for x in lines)
+    assert sum(x["gets"] for x in lines) == rsync
+    assert {(p["pid"], p["comm"]) for x in lines for p in x["processes"]} == {(1002, "rsync")}
+    rec = FakeRecorder(path)
+    rec.aggregate = True
+    with pytest.raises(ValueError, match="needs every event"):
+        top.run_live(rec, out=io.StringIO(), clock=rec.clock, proc_filter=ProcFilter(pid=1))

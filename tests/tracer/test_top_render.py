@@ -40,7 +40,9 @@ def test_screen_fits_and_shows_every_part(busy, size):
     text = "\n".join(lines)
     assert lines[0].startswith("keyslot-trace top  end of trace")
     assert lines[1].startswith("gets/s ") and " hit(1ms) " in lines[1] and "errors" in lines[1]
-    assert "HIT%(all)" in lines[2]  # the header's hit % is the interval's, the table's since the start
+    # the simulated threads belong to three processes: whose gets, busiest first, in the interval
+    assert lines[2].startswith("procs(1ms) gets/miss: ") and "fio:1000 " in lines[2]
+    assert "HIT%(all)" in lines[3]  # the header's hit % is the interval's, the table's since the start
     for p in busy.profiles:  # the profile table, counted
         row = next(x for x in lines if p.id in x and "slots" not in x)
         assert f"{p.counts.gets:,}" in row and ("pass" in row) == p.passthrough
@@ -157,3 +159,50 @@ def test_file_source_paces_by_trace_time_and_pauses():
     src.pause(False)
     assert all(e.t <= t0 + 5000 for e in src.poll())  # paused time does not count
     assert FileSource(trace.events, speed=0).poll(10**9) == trace.events
+
+
+@pytest.mark.parametrize("size", [(80, 24), (160, 48)])
+def test_processes_and_a_process_filter_on_screen(size):
+    """Whose gets: the busiest processes in the header (and, wide, a table), the latest get's
+    process in the log; a process filter says so in the header and in the log's title."""
+    from tracer.tui.aggregate import ProcFilter
+
+    trace, _ = sim_trace(slots=4, threads=6, passthrough=1, requests=600)
+    w, h = size
+    for f in (None, ProcFilter(comm="postgres"), ProcFilter(pid=1002)):
+        agg = Aggregator(trace.header, "p.ndjson", interval_ns=1_000_000, proc_filter=f)
+        for e in trace.events:
+            agg.advance_to(e.t)
+            agg.apply(e)
+        snap = agg.snapshot(finished=True)
+        lines = screen(snap, w, h)
+        assert len(lines) == h and all(len(x) <= w for x in lines)
+        text = "\n".join(lines)
+        assert lines[2].startswith("procs(1ms) gets/miss: ")
+        shown = {v.label for v in snap.processes}
+        want = ({"fio:1000", "postgres:1001", "rsync:1002"} if f is None
+                else {"rsync:1002"} if f.pid == 1002 else {"postgres:1001"})
+        assert shown == want and all(label in lines[2] for label in want)
+        g = snap.last_get
+        assert f"latest get: {g.comm}:{g.pid} (tid {g.tid})" in text
+        if f is None:
+            assert "only " not in lines[0]
+        else:
+            assert f"only {f}" in lines[0]
+            assert next(x for x in lines if x.startswith("events (latest last)  latest get:"))
+            evicts = next(x for x in lines if x.startswith("PROFILE")).split().index("EVICTS")
+            assert all(x.split()[evicts] == "-" for x in lines[4:6])  # nobody's evicts: not counted
+            calls = [x for x in lines if x.startswith("+") and " get_call " in x]
+            assert (calls or w < 130) and all(f"{g.comm}:{g.pid}" in x for x in calls)
+        if w >= 130:
+            assert "PROCESS(1ms)" in text and next(iter(want)) in text.split("PROCESS(1ms)")[1]
+
+
+def test_event_log_names_the_process_of_a_get():
+    from tracer.tui.render import describe
+
+    trace, _ = sim_trace(requests=20)
+    call = next(e for e in trace.events if e.kind.name == "get_call")
+    ret = next(e for e in trace.events if e.kind.name == "get_return")
+    assert f" get_call {call.profile} {call.comm}:{call.pid} key=" in describe(call, 0)
+    assert ":" not in describe(ret, 0).split("get_return")[1]

@@ -103,8 +103,14 @@ def test_screen_shows_the_trace_then_q_restores_the_terminal(pane, traces):
         assert f"{n:,}" in row.split()
     assert "SLOT KEY" in s
     assert len([x for x in lines if re.match(r"\s+[0-3] k[0-9a-f]{12}\s+\d+ (idle|in use)", x)]) == 4
+    def selected(screen):  # the profile row marked ▶ in the profile table
+        m = re.search(r"^▶(p[0-9a-f]{12}) (\S+)", screen, re.M)
+        return m and m.groups()
+
+    first = selected(s)
+    assert first and first[1] == "simdisk"
     pane.key("Tab")
-    pane.wait_for(lambda s: re.search(r"▶p\w+ simdisk", s.splitlines()[3] + s.splitlines()[4]) is not None)
+    pane.wait_for(lambda s: selected(s) not in (None, first) and selected(s)[1] == "simdisk")
     pane.key("q")
     pane.assert_restored(0)
 

@@ -27,6 +27,15 @@ reference model predicts (comparing the two is --check's job):
   **program latency**: program_call -> program_return (same thread and profile).
 * **errors**: events that report a failure: get status != 0, evict result != 0,
   program result != 0 (a failed program counts twice: its result and the get's status).
+* **process**: a get belongs to the process (``pid``, the kernel's tgid) and task name
+  (``comm``) its ``get_call`` carries, with everything it did (its program call, its
+  result). Per process: gets, hits, misses, waits, programs and errors of its gets.
+  Puts, evicts and reprogram_all belong to no process: a put often runs in an
+  interrupt, on whichever task it interrupted, and the trace names no one for them.
+* **process filter** (``top -p PID`` / ``--comm NAME``): a view, not a recording
+  filter. The slot map stays the whole profile's (other processes' gets hold slots
+  too), but the counters, histograms and event log are the matching processes' gets
+  only: evicts, puts and reprograms, which no process owns, are not counted.
 
 The aggregator consumes ``replay.trace.Event`` objects from any iterator (a
 recorded file, or a live recorder): ``apply(ev)`` for each event in time order,
@@ -38,10 +47,11 @@ same numbers from the kernel's own counters instead (tracer/tui/kernel_counts.py
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 
-from probes.events import HIST_BUCKETS, EventKind  # HIST_BUCKETS: bucket b counts [2**(b-1), 2**b) ns
+from probes.events import COMM_LEN, HIST_BUCKETS, EventKind  # HIST_BUCKETS: bucket b counts [2**(b-1), 2**b) ns
 from replay.trace import Event, Header
 
 UNOBSERVED = "?"  # key of a slot whose content the trace has not shown yet
@@ -60,15 +70,43 @@ class Counts:
     errors: int = 0
 
     def __add__(self, other: Counts) -> Counts:
-        return Counts(*(a + b for a, b in zip(astuple(self), astuple(other))))
+        return Counts(*map(operator.add, _fields(self), _fields(other)))
 
     def __sub__(self, other: Counts) -> Counts:
-        return Counts(*(a - b for a, b in zip(astuple(self), astuple(other))))
+        return Counts(*map(operator.sub, _fields(self), _fields(other)))
 
     @property
     def hit_pct(self) -> float | None:
         n = self.hits + self.misses
         return 100.0 * self.hits / n if n else None
+
+
+_fields = operator.attrgetter(*Counts.__slots__)  # a Counts as a tuple, fast (intervals add up many)
+
+
+@dataclass(frozen=True)
+class ProcFilter:
+    """``top -p PID`` / ``--comm NAME``: the gets of matching processes (both, if both are given).
+    A NAME longer than a comm is cut as the kernel cuts comms."""
+
+    pid: int | None = None
+    comm: str | None = None
+
+    def __post_init__(self):
+        if self.comm is not None:
+            object.__setattr__(self, "comm", self.comm[:COMM_LEN - 1])
+
+    def matches(self, pid: int | None, comm: str | None) -> bool:
+        return (self.pid is None or pid == self.pid) and (self.comm is None or comm == self.comm)
+
+    def __str__(self) -> str:
+        return " ".join(x for x in (f"pid {self.pid}" if self.pid is not None else "",
+                                    f"comm {self.comm}" if self.comm is not None else "") if x)
+
+
+def proc_label(pid: int | None, comm: str | None) -> str:
+    """'comm:pid', as top shows it."""
+    return f"{'?' if comm is None else comm}:{'?' if pid is None else pid}"
 
 
 @dataclass(slots=True)
@@ -104,6 +142,8 @@ class _Op:  # a get/put/evict/reprogram in flight on one thread and profile
     programmed: bool = False
     took: int | None = None  # the slot a miss took (counted at its program_call)
     full_at_call: bool = False  # every slot was in use when it was called
+    shown: bool = True  # counted: without a process filter every operation, with one a matching get
+    pc: Counts | None = None  # a shown get whose get_call names its process: that process's counts
 
 
 # -- the immutable view ---------------------------------------------------------
@@ -156,6 +196,21 @@ class ProfileView:
 
 
 @dataclass(frozen=True)
+class ProcessView:
+    """One process's gets on one profile: counts since the start and in the rate window."""
+
+    profile: str
+    pid: int | None
+    comm: str | None
+    counts: Counts
+    window: Counts
+
+    @property
+    def label(self) -> str:
+        return proc_label(self.pid, self.comm)
+
+
+@dataclass(frozen=True)
 class Interval:
     """Counts of one interval of trace time [start, end) ns."""
 
@@ -165,6 +220,7 @@ class Interval:
     lost: int
     read_end: int | None = None  # in-kernel counters: read during [end, read_end), so they may
     #                              include events up to read_end (tracer/tui/kernel_counts.py)
+    processes: dict[tuple, Counts] = field(default_factory=dict)  # (profile, pid, comm) -> its gets' counts
 
     @property
     def seconds(self) -> float:
@@ -190,6 +246,11 @@ class Snapshot:
     t0: int  # first event's time (the log shows times relative to it)
     finished: bool = False
     log_title: str = "events (latest last)"
+    # per (profile, process) with gets in the rate window, busiest first; () when the trace names none
+    processes: tuple[ProcessView, ...] = ()
+    attributed: bool = False  # the trace names the process of its gets (get_call's pid/comm)
+    proc_filter: ProcFilter | None = None  # counts, histograms and log are these processes' gets only
+    last_get: Event | None = None  # the latest get_call (of the filtered processes, under a filter)
 
     def rate(self, name: str) -> float | None:
         return getattr(self.window, name) / self.window_s if self.window_s > 0 else None
@@ -202,8 +263,14 @@ class Aggregator:
     redraw_s = math.inf  # the screen redraws when events arrive; KernelAggregator also every redraw_s
     log_title = "events (latest last)"
 
-    def __init__(self, header: Header, source: str = "", interval_ns: int = 1_000_000_000, log_size: int = 200):
+    def __init__(self, header: Header, source: str = "", interval_ns: int = 1_000_000_000, log_size: int = 200,
+                 proc_filter: ProcFilter | None = None):
         self.header, self.source, self.interval_ns = header, source, interval_ns
+        self.proc_filter = proc_filter
+        self.procs: dict[tuple, Counts] = {}  # (profile, pid, comm) -> counts of its gets
+        self._proc_base: dict[tuple, Counts] = {}
+        self.attributed = False
+        self.last_get: Event | None = None  # the latest get_call shown
         self.profiles: dict[str, _Profile] = {}
         for p in header.profiles:  # attached mid-stream: contents and refcounts unknown
             self._init(p.id, p.num_slots, p.device, attached=True)
@@ -241,8 +308,19 @@ class Aggregator:
         if ev.t > self.t_last:
             self.t_last = ev.t
         self.events += 1
-        self.log.append(ev)
+        if self.proc_filter is None or self._in_view(ev):
+            self.log.append(ev)
         self._dispatch[ev.kind](ev)
+
+    def _in_view(self, ev: Event) -> bool:
+        """Under a process filter: is ``ev`` part of a matching process's get (or a loss)?"""
+        kind = ev.kind
+        if kind is EventKind.get_call:
+            return self.proc_filter.matches(ev.pid, ev.comm)
+        if kind in (EventKind.get_return, EventKind.program_call, EventKind.program_return):
+            op = self._open.get((ev.tid, ev.profile))
+            return op is not None and op.shown
+        return kind is EventKind.lost
 
     def _init(self, pid: str, n: int | None, device: str | None, attached: bool) -> _Profile:
         old = self.profiles.get(pid)
@@ -293,7 +371,22 @@ class Aggregator:
 
     def _call(self, ev: Event) -> None:
         p = self._profile(ev.profile)
-        self._open[(ev.tid, ev.profile)] = _Op(ev.kind, ev.t, full_at_call=0 < len(p.slots) == p.busy)
+        op = self._open[(ev.tid, ev.profile)] = _Op(ev.kind, ev.t, full_at_call=0 < len(p.slots) == p.busy)
+        f = self.proc_filter
+        if ev.kind is not EventKind.get_call:
+            if f is not None:
+                op.shown = False  # puts, evicts, reprograms: no process's
+            return
+        if f is not None and not f.matches(ev.pid, ev.comm):
+            op.shown = False
+            return
+        self.last_get = ev
+        if ev.pid is not None or ev.comm is not None:
+            self.attributed = True
+            k = (p.id, ev.pid, ev.comm)
+            op.pc = self.procs.get(k)
+            if op.pc is None:
+                op.pc = self.procs[k] = Counts()
 
     def _take(self, p: _Profile, s: int, t: int) -> None:
         slot = self._slot(p, s)
@@ -318,17 +411,18 @@ class Aggregator:
     def _get_return(self, ev: Event) -> None:
         p = self._profile(ev.profile)
         op = self._open.pop((ev.tid, ev.profile), None)
-        c = p.counts
-        c.gets += 1
-        if op is not None and op.kind is EventKind.get_call:
-            if op.programmed:
-                c.misses += 1
-            elif ev.result == 0 and ev.slot is not None:  # passthrough gets are neither
-                c.hits += 1
-        took = op.took if op is not None and op.kind is EventKind.get_call else None
-        if ev.result != 0:
-            c.errors += 1
-        elif ev.slot is not None and ev.slot >= 0:
+        if op is not None and op.kind is not EventKind.get_call:
+            op = None  # (another operation's call: this get's was not seen)
+        if op is None:  # its call was not seen: neither a hit nor a miss, and no process's
+            if self.proc_filter is None:
+                p.counts.gets += 1
+                p.counts.errors += ev.result != 0
+        elif op.shown:
+            _count_get(p.counts, op, ev)
+            if op.pc is not None:
+                _count_get(op.pc, op, ev)
+        took = op.took if op is not None else None
+        if ev.result == 0 and ev.slot is not None and ev.slot >= 0:
             if took != ev.slot:  # a hit (or a get that returned another slot than it programmed)
                 if took is not None:
                     self._release(p, took, None)
@@ -339,22 +433,25 @@ class Aggregator:
     def _put_return(self, ev: Event) -> None:
         p = self._profile(ev.profile)
         self._open.pop((ev.tid, ev.profile), None)
-        p.counts.puts += 1
+        if self.proc_filter is None:  # no process's (a put may run in an interrupt)
+            p.counts.puts += 1
         if ev.slot is not None and ev.slot >= 0:
             self._release(p, ev.slot, ev.t)
 
     def _evict_return(self, ev: Event) -> None:
         p = self._profile(ev.profile)
         self._open.pop((ev.tid, ev.profile), None)
-        p.counts.evicts += 1
-        if ev.result != 0:
-            p.counts.errors += 1
-        elif ev.key in p.where:
+        if self.proc_filter is None:  # no process's
+            p.counts.evicts += 1
+            p.counts.errors += ev.result != 0
+        if ev.result == 0 and ev.key in p.where:
             self._set_key(p, p.where[ev.key], None)
 
     def _reprogram_return(self, ev: Event) -> None:
         self._open.pop((ev.tid, ev.profile), None)
-        self._profile(ev.profile).counts.reprograms += 1
+        p = self._profile(ev.profile)
+        if self.proc_filter is None:  # no process's
+            p.counts.reprograms += 1
 
     def _program_call(self, ev: Event) -> None:
         p = self._profile(ev.profile)
@@ -363,26 +460,36 @@ class Aggregator:
         op = self._open.get(k)
         if op is not None and op.kind is EventKind.get_call and not op.programmed:
             op.programmed = True
-            p.wait_hist[_bucket(ev.t - op.call_t)] += 1
-            if op.full_at_call or p.full_t > op.call_t:
-                p.counts.waits += 1
+            if op.shown:
+                p.wait_hist[_bucket(ev.t - op.call_t)] += 1
+                if op.full_at_call or p.full_t > op.call_t:
+                    p.counts.waits += 1
+                    if op.pc is not None:
+                        op.pc.waits += 1
             op.took = ev.slot
             self._take(p, ev.slot, ev.t)
 
     def _program_return(self, ev: Event) -> None:
         p = self._profile(ev.profile)
         slot = self._slot(p, ev.slot)
-        p.counts.programs += 1
+        op = self._open.get((ev.tid, ev.profile))
+        counted = op.shown if op is not None else self.proc_filter is None  # in a reprogram_all: no process's
+        failed = ev.result != 0
+        if counted:
+            p.counts.programs += 1
+            p.counts.errors += failed
+            if op is not None and op.pc is not None:
+                op.pc.programs += 1
+                op.pc.errors += failed
         slot.programs += 1
         start = self._prog_t.pop((ev.tid, ev.profile), None)
         if start is not None:
             slot.last_program_ns = ev.t - start
-            p.prog_hist[_bucket(ev.t - start)] += 1
+            if counted:
+                p.prog_hist[_bucket(ev.t - start)] += 1
         if ev.result == 0:
             self._set_key(p, ev.slot, ev.key)
         else:  # nothing changes in the kernel: the slot keeps its key and its LRU place
-            p.counts.errors += 1
-            op = self._open.get((ev.tid, ev.profile))
             if op is not None and op.took == ev.slot:
                 op.took = None
                 self._release(p, ev.slot, None)
@@ -428,12 +535,14 @@ class Aggregator:
     def _interval(self, end: int | None) -> Interval:
         zero = Counts()
         counts = {pid: p.counts - self._base.get(pid, zero) for pid, p in self.profiles.items()}
+        procs = {k: d for k, c in self.procs.items() if (d := c - self._proc_base.get(k, zero)).gets}
         return Interval(self.interval_start or 0, self.t_last if end is None else end, counts,
-                        self.lost - self._base_lost)
+                        self.lost - self._base_lost, processes=procs)
 
     def _close(self, end: int) -> Interval:
         iv = self._interval(end)
         self._base = {pid: p.counts + Counts() for pid, p in self.profiles.items()}
+        self._proc_base = {k: c + Counts() for k, c in self.procs.items()}
         self._base_lost = self.lost
         self.last_interval = iv
         return iv
@@ -444,10 +553,15 @@ class Aggregator:
         divergences = divergences or {}
         iv = self.last_interval
         if iv is not None:
-            window, window_s = iv.counts, iv.seconds
+            window, window_s, proc_window = iv.counts, iv.seconds, iv.processes
         else:  # no complete interval yet: everything so far
             window = {pid: p.counts for pid, p in self.profiles.items()}
             window_s = (self.t_last - self.t_first) / 1e9 if self.t_first is not None else 0.0
+            proc_window = self.procs
+        processes = tuple(sorted(
+            (ProcessView(k[0], k[1], k[2], self.procs[k] + Counts(), c + Counts())
+             for k, c in proc_window.items() if c.gets and k in self.procs),
+            key=lambda v: (-v.window.gets, -v.window.misses, v.comm or "", v.pid or 0, v.profile)))
         profiles = tuple(
             ProfileView(p.id, p.device, p.num_slots, p.counts + Counts(), window.get(p.id, Counts()) + Counts(),
                         _slot_views(p), tuple(p.wait_hist), tuple(p.prog_hist), p.approx, p.destroyed,
@@ -461,7 +575,8 @@ class Aggregator:
             totals=sum((p.counts for p in profiles), Counts()),
             window=sum((p.window for p in profiles), Counts()), window_s=window_s,
             profiles=profiles, log=tuple(self.log), t0=self.t_first or 0, finished=finished,
-            log_title=self.log_title,
+            log_title=self.log_title, processes=processes, attributed=self.attributed,
+            proc_filter=self.proc_filter, last_get=self.last_get,
         )
 
 
@@ -471,6 +586,17 @@ def _slot_views(p: _Profile) -> tuple[SlotView, ...]:
     rank = {i: r for r, (_, i) in enumerate(idle)}
     return tuple(SlotView(i, s.key, s.refs, s.refs_exact, rank.get(i), s.programs, s.last_program_ns)
                  for i, s in enumerate(p.slots))
+
+
+def _count_get(c: Counts, op: _Op, ev: Event) -> None:
+    """A get returned (``op`` its call): count it in ``c``."""
+    c.gets += 1
+    if op.programmed:
+        c.misses += 1
+    elif ev.result == 0 and ev.slot is not None:  # passthrough gets are neither
+        c.hits += 1
+    if ev.result != 0:
+        c.errors += 1
 
 
 def _bucket(ns: int) -> int:
