@@ -24,6 +24,7 @@ orderings of the operations in flight at once, bounded by ``budget``.
 
 from __future__ import annotations
 
+import bisect
 import enum
 from dataclasses import dataclass, field
 from typing import Callable
@@ -46,6 +47,23 @@ MAX_CONFIGS = 20_000  # configurations kept between operations
 
 
 @dataclass
+class SlotHistory:
+    """A slot whose model state made the divergence impossible, and the last operation on it."""
+
+    slot: int
+    role: str  # model.NAMED (the operation named it), VICTIM (an LRU head), HOLDS_KEY (the model caches its key there)
+    # the operations on the slot that returned before it and may have come last (since the
+    # state was last known): one, unless several overlap so that any of them may have come last
+    last: list[OpRecord]
+    # operations on the slot still in flight, which may have come after those (and before it)
+    in_flight: list[OpRecord] = field(default_factory=list)
+    # "in use" or "idle", as the model counts it, and since which operation(s): the get that took
+    # its refcount from 0 to 1, or the puts that may have taken it to 0 (None: not certain)
+    use: str | None = None
+    since: list[OpRecord] = field(default_factory=list)
+
+
+@dataclass
 class Divergence:
     profile: str
     op: OpRecord
@@ -54,6 +72,10 @@ class Divergence:
     state_before: list[str]
     inflight: list[OpRecord]
     preceding: list  # the profile's events just before the operation returned
+    state: model.State | None = None  # the model state shown (state_before in words)
+    n_states: int = 1  # how many states the model allowed before it; ``state`` is the first in order
+    alternatives: list[model.Alternative] = field(default_factory=list)  # ``allowed``, structured
+    earlier: list[SlotHistory] = field(default_factory=list)
 
 
 @dataclass
@@ -154,7 +176,7 @@ def check_profile(h: ProfileHistory, flavour: str, budget: int = DEFAULT_BUDGET,
                     resync_in_window()
                     continue
                 res.verdict = Verdict.DIVERGED
-                res.divergence = _divergence(h, rec, flavour, configs, inflight, rec.impossible)
+                res.divergence = _divergence(h, rec, flavour, configs, inflight, rec.impossible, impossible=True)
                 return res
             if len(inflight) == 1 and len(configs) == 1 and not next(iter(configs))[1]:
                 # fast path: nothing overlaps this operation
@@ -250,29 +272,135 @@ def _linearize(configs: set, inflight: dict[int, OpRecord], target: OpRecord, fl
 
 
 def _divergence(h: ProfileHistory, rec: OpRecord, flavour: str, configs: set, inflight: dict,
-                reason: str | None) -> Divergence:
+                reason: str | None, impossible: bool = False) -> Divergence:
     # Explain from the configurations where the operation is tried first: the states
     # the operations that returned before it produced. When several are possible, the
     # same one every run (sets iterate in hash order), and the report says so.
     first = min(len(lin) for _, lin in configs)
     candidates = sorted({s for s, lin in configs if len(lin) == first}, key=model.describe_state)
     state = candidates[0]
+    # events no kernel makes (impossible) are wrong whatever the state: no slot is to blame
+    rejected = model.step(state, rec.op, flavour) if rec.op is not None and not impossible else None
     if reason is None:
-        reason = model.step(state, rec.op, flavour).reason or "no order of the overlapping operations explains it"
+        reason = (rejected and rejected.reason) or "no order of the overlapping operations explains it"
         others = [r for r in inflight.values() if r is not rec]
         if others:
             reason += (f" (and no order of the {len(others)} overlapping operation(s) explains it either)")
+    alternatives = (model.alternatives(state, rec.op, flavour) if rec.op is not None else [model.Alternative(
+        "none", "nothing: a driver callback runs only inside a get, evict or reprogram_all")])
     return Divergence(
         profile=h.profile,
         op=rec,
         reason=reason,
-        allowed=(model.allowed(state, rec.op, flavour) if rec.op is not None
-                 else ["nothing: a driver callback runs only inside a get, evict or reprogram_all"]),
+        allowed=[a.text for a in alternatives],
         state_before=([f"(one of {len(candidates)} states the model allows here; the first in order)"]
                       if len(candidates) > 1 else []) + model.describe_state(state),
         inflight=[r for r in inflight.values() if r is not rec],
         preceding=_preceding(h, rec),
+        state=state,
+        n_states=len(candidates),
+        alternatives=alternatives,
+        earlier=_earlier(h, rec, inflight, state, rejected.slots if rejected and not rejected.states else ()),
     )
+
+
+def _earlier(h: ProfileHistory, rec: OpRecord, inflight: dict, state: model.State, slots) -> list[SlotHistory]:
+    """For each slot the model's rejection depends on, the operation that came last on it
+    since the state was last known (the profile's init or a loss), and since when the
+    model counts it in use or idle: facts of the trace, not guesses. Where operations on
+    the slot overlap, every one that may have come last is named; where one may have acted
+    on a slot its events do not name (a busy evict, an operation with lost events), nothing
+    is said about that slot."""
+    done: list[tuple[OpRecord, int]] = []  # returned before it: (operation, its return time)
+    from_init = False  # the window starts at the profile's init: every refcount is exact from 0
+    for t, _order, kind, payload in h.points:
+        if kind == RETURN:
+            if payload is rec:
+                break
+            done.append((payload, t))
+        elif kind in (INIT, RESYNC):
+            done.clear()
+            from_init = kind == INIT
+    pending = [r for r in inflight.values() if r is not rec]  # in flight: may come before it
+    # A busy evict names no slot but acts on its key's. Since the init every key in a slot was
+    # put there by a get: if every get of the key that may have come before it got one slot, that is it.
+    got: dict[str, set[tuple[int, int]]] = {}  # key -> (call time, slot) of its gets that got a slot
+    for r in [r for r, _ in done] + pending:
+        if r.kind == "get" and r.op.status == 0 and r.op.slot is not None:
+            got.setdefault(r.op.key, set()).add((r.call_t, r.op.slot))
+    named: dict[int, set[int] | None] = {}
+    for r in [r for r, _ in done] + pending:
+        n = named[r.id] = _slots_named(r)
+        if n is None and from_init and r.kind == "evict" and not r.incomplete:
+            where = {s for c, s in got.get(r.op.key, ()) if c <= r.ret.t}
+            named[r.id] = where if len(where) == 1 else None
+
+    def on_slot(r: OpRecord, slot: int) -> bool:
+        return named[r.id] is None or slot in named[r.id]
+
+    out = []
+    for slot, role in dict.fromkeys(slots):
+        on = [(r, t) for r, t in done if on_slot(r, slot)]
+        later = [r for r in pending if on_slot(r, slot)]
+        last_call = max((r.call_t for r, _ in on), default=-1)
+        # any of them may have come last whose return is not before the last call among them
+        last = [r for r, t in on if t >= last_call]
+        if not (last or later) or any(named[r.id] is None for r in last + later):
+            continue
+        exact = from_init and not later and all(named[r.id] is not None and not r.incomplete for r, _ in on)
+        since = _since(on, slot, state) if exact else None
+        out.append(SlotHistory(slot, role, last, later, *(since or (None, []))))
+    return out
+
+
+def _since(on: list[tuple[OpRecord, int]], slot: int, state: model.State) -> tuple[str, list[OpRecord]] | None:
+    """Since which operation the model counts ``slot`` in use (the get that took its refcount
+    from 0 to 1) or idle (the put that took it to 0), when every order the intervals of the
+    operations on it allow agrees; ``on`` are those operations since the profile's init, each
+    with its return time, in return order, none in flight or incomplete."""
+    refs = [(r, t, 1 if r.kind == "get" else -1) for r, t in on
+            if (r.kind == "get" and r.op.status == 0 and r.op.slot == slot) or r.kind == "put"]
+    if not refs or state.modes[slot] != model.KNOWN:
+        return None
+    if state.refs[slot] == 0:
+        # the last change of an idle slot's refcount is a put: one that may have come last
+        last_call = max(r.call_t for r, _, _ in refs)
+        puts = [r for r, t, d in refs if d < 0 and t >= last_call]
+        return ("idle", puts) if puts else None
+    # in use: undo the operations from the last until the count is 0; the get undone then took
+    # it from 0 to 1, if nothing overlaps it and no order of the operations after it reaches 0
+    count, i = state.refs[slot], len(refs)
+    while count and i:
+        i -= 1
+        count -= refs[i][2]
+    g, g_ret, delta = refs[i]
+    after = refs[i + 1:]
+    if count or delta < 0 or any(r.call_t <= g_ret for r, _, _ in after) or any(t >= g.call_t for _, t, _ in refs[:i]):
+        return None
+    # at each put's call, the puts that may have come by then against the gets that surely had
+    puts = sorted(r.call_t for r, _, d in after if d < 0)
+    gets = sorted(t for _, t, d in after if d > 0)
+    if any(n + 1 > bisect.bisect_left(gets, c) for n, c in enumerate(puts)):
+        return None
+    return "in use", [g]
+
+
+def _slots_named(rec: OpRecord) -> set[int] | None:
+    """The slots an operation acted on, as its events name them. None: it may have acted on
+    a slot its events do not name (an evict that found the key busy; lost events)."""
+    op = rec.op
+    if isinstance(op, model.Get):
+        named = {x for x in (op.slot, op.program.slot if op.program else None) if x is not None}
+        return None if op.incomplete and not named else named
+    if isinstance(op, model.Put):
+        return set() if op.slot is None else {op.slot}
+    if isinstance(op, model.Evict):
+        if op.drv is not None:
+            return {op.drv.slot} if op.drv.slot >= 0 else set()
+        return None if op.incomplete or op.result == model.EBUSY else set()
+    if isinstance(op, model.Reprogram):
+        return None if op.incomplete else {p.slot for p in op.programs}
+    return set()
 
 
 def _preceding(h: ProfileHistory, rec: OpRecord, count: int = 10) -> list:

@@ -163,14 +163,20 @@ Op = Get | Put | Evict | Reprogram
 class Step(NamedTuple):
     states: tuple[State, ...]  # every next state the observed outcome allows
     reason: str | None = None  # why the observed outcome is not allowed (when states is empty)
+    # the slots whose state in the model made the outcome impossible, as (slot, role): the report
+    # names the earlier operations on them (roles: NAMED, VICTIM, HOLDS_KEY)
+    slots: tuple[tuple[int, str], ...] = ()
+
+
+NAMED, VICTIM, HOLDS_KEY = "named", "victim", "holds_key"
 
 
 def _ok(*states: State) -> Step:
     return Step(states)
 
 
-def _bad(reason: str) -> Step:
-    return Step((), reason)
+def _bad(reason: str, *slots: tuple[int, str]) -> Step:
+    return Step((), reason, slots)
 
 
 # -- initial states ------------------------------------------------------------
@@ -293,14 +299,15 @@ def _step_hit(state: State, op: Get, flavour: str) -> Step:
     cached = _key_slot(state, key)
     if cached is not None:
         if cached != s:
-            return _bad(f"get {key} hit slot {s}, but {key} is cached in slot {cached}")
+            return _bad(f"get {key} hit slot {s}, but {key} is cached in slot {cached}",
+                        (s, NAMED), (cached, HOLDS_KEY))
         return _ok(_take_ref(state, s))
     if state.keys[s] == UNK and _key_maybe_unknown(state, key):
         # learn: the unobserved slot s held this key
         learned = replace(state, keys=_set(state.keys, s, key))
         return _ok(_take_ref(learned, s))
     return _bad(f"get {key} hit slot {s} without programming it, but {key} is not cached"
-                f" (slot {s} holds {_key_name(state.keys[s])})")
+                f" (slot {s} holds {_key_name(state.keys[s])})", (s, NAMED))
 
 
 def _step_miss(state: State, op: Get, flavour: str) -> Step:
@@ -309,19 +316,20 @@ def _step_miss(state: State, op: Get, flavour: str) -> Step:
     cached = _key_slot(state, key)
     if cached is not None:
         return _bad(f"get {key} programmed slot {prog.slot}, but {key} was already cached in slot {cached}"
-                    " (expected a hit)")
+                    " (expected a hit)", (cached, HOLDS_KEY))
     if prog.key != key:
         return _bad(f"get {key} programmed slot {prog.slot} with a different key ({prog.key})")
     candidates = victim_candidates(state)
     v = prog.slot
     if v not in candidates:
+        slots = (((v, NAMED),) if 0 <= v < state.num_slots else ()) + tuple((c, VICTIM) for c in candidates)
         if not candidates:
-            return _bad(f"get {key} programmed slot {v}, but no slot was idle (it should have waited)")
+            return _bad(f"get {key} programmed slot {v}, but no slot was idle (it should have waited)", *slots)
         if len(candidates) == 1:
             return _bad(f"get {key} programmed slot {v}, but the LRU head was slot {candidates[0]}"
-                        + _busy_note(state, v))
+                        + _busy_note(state, v), *slots)
         return _bad(f"get {key} programmed slot {v}, but the LRU head was one of slots "
-                    f"{', '.join(map(str, candidates))}" + _busy_note(state, v))
+                    f"{', '.join(map(str, candidates))}" + _busy_note(state, v), *slots)
     if prog.result is None:
         return _bad(f"get {key}: the program call on slot {v} has no return")
     if prog.result != 0:
@@ -392,7 +400,7 @@ def _step_put(state: State, op: Put, flavour: str) -> Step:
     if m == BOUNDED:
         return _ok(replace(state, refs=_set(state.refs, s, max(0, r - 1))))
     if r == 0:
-        return _bad(f"put of slot {s}, whose refcount is already 0 ({_key_name(state.keys[s])}, idle)")
+        return _bad(f"put of slot {s}, whose refcount is already 0 ({_key_name(state.keys[s])}, idle)", (s, NAMED))
     lru = state.lru + (s,) if r == 1 else state.lru
     return _ok(State(state.keys, _set(state.refs, s, r - 1), state.modes, lru, state.gone))
 
@@ -423,12 +431,14 @@ def _step_evict(state: State, op: Evict, flavour: str) -> Step:
         want = f"{errno_name(EBUSY)} (slot {s} holds {state.refs[s]} references)" if state.refs[s] > 0 else (
             f"a driver evict of slot {s}")
         return _bad(f"evict {key} returned {errno_name(op.result)} without calling the driver, but {key} is in "
-                    f"slot {s}: expected {want}")
+                    f"slot {s}: expected {want}", (s, HOLDS_KEY))
     if op.drv.slot != s:
-        return _bad(f"evict {key} called the driver's evict on slot {op.drv.slot}, but {key} is in slot {s}")
+        named = ((op.drv.slot, NAMED),) if 0 <= op.drv.slot < state.num_slots else ()
+        return _bad(f"evict {key} called the driver's evict on slot {op.drv.slot}, but {key} is in slot {s}",
+                    *named, (s, HOLDS_KEY))
     if not idle_possible:
         return _bad(f"evict {key} evicted slot {s} in the driver while it holds {state.refs[s]} references"
-                    " (expected -EBUSY)")
+                    " (expected -EBUSY)", (s, NAMED))
     if op.result != op.drv.result:
         return _drv_mismatch(op)
     return _ok(_evicted_idle(state, s, op.drv.result, flavour))
@@ -470,7 +480,8 @@ def _evict_unmapped(state: State, op: Evict, flavour: str) -> Step:
         learned = replace(state, keys=_set(state.keys, s, key))
         return _ok(_evicted_idle(learned, s, op.drv.result, flavour))
     return _bad(f"evict {key} called the driver's evict on slot {s}, but {key} is not cached"
-                f" (slot {s} holds {_key_name(state.keys[s]) if 0 <= s < state.num_slots else 'nothing'})")
+                f" (slot {s} holds {_key_name(state.keys[s]) if 0 <= s < state.num_slots else 'nothing'})",
+                *(((s, NAMED),) if 0 <= s < state.num_slots else ()))
 
 
 def _step_evict_incomplete(state: State, op: Evict, flavour: str) -> Step:
@@ -502,17 +513,19 @@ def _step_reprogram(state: State, op: Reprogram) -> Step:
                 # learn the slot's content, if the key can be there: one slot per key,
                 # and not a key known to be uncached
                 if p.key in keys:
+                    held = ((state.keys.index(p.key), HOLDS_KEY),) if p.key in state.keys else ()
                     return _bad(f"reprogram_all programmed slot {s} with {p.key}, but {p.key} is in slot "
-                                f"{keys.index(p.key)}")
+                                f"{keys.index(p.key)}", *held)
                 if p.key in state.gone:
                     return _bad(f"reprogram_all programmed slot {s} with {p.key}, which is known not to be cached")
                 keys[s] = p.key
             else:
                 keys[s] = None  # not reprogrammed, so it holds no key
         elif p is None and k is not None:
-            return _bad(f"reprogram_all skipped slot {s}, which holds {k}")
+            return _bad(f"reprogram_all skipped slot {s}, which holds {k}", (s, NAMED))
         elif p is not None and p.key != k:
-            return _bad(f"reprogram_all programmed slot {s} with {p.key}, but slot {s} holds {_key_name(k)}")
+            return _bad(f"reprogram_all programmed slot {s} with {p.key}, but slot {s} holds {_key_name(k)}",
+                        (s, NAMED))
     for s in by_slot:
         if not 0 <= s < n:
             return _bad(f"reprogram_all programmed slot {s}, but the profile has {n} slots")
@@ -543,40 +556,63 @@ def _outcome(op: Get, flavour: str) -> str:
     return status_name(op.status, flavour) + (f" and slot {op.slot}" if op.slot is not None else "")
 
 
+class Alternative(NamedTuple):
+    """One outcome the model would accept for an operation: ``action`` (hit, miss, wait,
+    passthrough, hit_unobserved; put, noop; driver_evict, return; reprogram; none: no outcome
+    at all) with its slot, result or programs, and ``text`` in words."""
+
+    action: str
+    text: str
+    slot: int | None = None
+    result: int | None = None  # evict's return value without a driver call
+    programs: tuple[tuple[int, object], ...] | None = None  # reprogram: (slot, key) in order
+
+
 def allowed(state: State, op: Op, flavour: str) -> list[str]:
     """What the model would accept for this operation's input, in words."""
+    return [a.text for a in alternatives(state, op, flavour)]
+
+
+def alternatives(state: State, op: Op, flavour: str) -> list[Alternative]:
+    """What the model would accept for this operation's input."""
     n = state.num_slots
+    A = Alternative
     if isinstance(op, Get):
         if n == 0:
-            return ["success with slot 0 (keyslot_manager passthrough)" if flavour == "android"
-                    else "success with no slot (passthrough)"]
+            slot = _passthrough_slot(flavour)
+            return [A("passthrough", "success with slot 0 (keyslot_manager passthrough)" if slot == 0
+                      else "success with no slot (passthrough)", slot)]
         s = _key_slot(state, op.key)
         if s is not None:
-            return [f"hit on slot {s}"]
-        out = [f"miss: program slot {v}" for v in victim_candidates(state)]
+            return [A("hit", f"hit on slot {s}", s)]
+        out = [A("miss", f"miss: program slot {v}", v) for v in victim_candidates(state)]
         if _key_maybe_unknown(state, op.key):
-            out += [f"hit on slot {i} (unobserved content)" for i, k in enumerate(state.keys) if k == UNK]
-        return out or ["wait: no slot is idle"]
+            out += [A("hit_unobserved", f"hit on slot {i} (unobserved content)", i)
+                    for i, k in enumerate(state.keys) if k == UNK]
+        return out or [A("wait", "wait: no slot is idle")]
     if isinstance(op, Put):
         if op.slot is None:
-            return ["no-op (NULL slot)"]
+            return [A("noop", "no-op (NULL slot)")]
         if 0 <= op.slot < n and (state.refs[op.slot] > 0 or state.modes[op.slot] == BOUNDED):
-            return [f"put of slot {op.slot}"]
-        return ["no put: the slot holds no reference"]
+            return [A("put", f"put of slot {op.slot}", op.slot)]
+        return [A("none", "no put: the slot holds no reference", op.slot)]
     if isinstance(op, Evict):
         if n == 0:
-            return ["driver evict with slot -1, or 0"]
+            return [A("driver_evict", "driver evict with slot -1", -1),
+                    A("return", "return 0 without calling the driver", result=0)]
         s = _key_slot(state, op.key)
         if s is None:
-            return [f"return {errno_name(ENOKEY) if flavour == 'android' else 0} without calling the driver "
-                    "(not cached)"]
+            none = ENOKEY if flavour == "android" else 0
+            return [A("return", f"return {errno_name(none)} without calling the driver (not cached)", result=none)]
         out = []
         if state.refs[s] > 0 or state.modes[s] == BOUNDED:
-            out.append(f"return {errno_name(EBUSY)} (slot {s} in use)")
+            out.append(A("return", f"return {errno_name(EBUSY)} (slot {s} in use)", s, EBUSY))
         if _maybe_idle(state, s):
-            out.append(f"driver evict of slot {s}")
+            out.append(A("driver_evict", f"driver evict of slot {s}", s))
         return out
-    return ["program " + ", ".join(f"slot {s} ({k})" for s, k in enumerate(state.keys) if k is not None) or "nothing"]
+    programs = tuple((s, k) for s, k in enumerate(state.keys) if k is not None)
+    return [A("reprogram", "program " + (", ".join(f"slot {s} ({k})" for s, k in programs) or "nothing"),
+              programs=programs)]
 
 
 def describe_state(state: State) -> list[str]:

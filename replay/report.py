@@ -7,7 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from replay.checker import Divergence, ProfileResult, Result, Verdict
+from replay import model
+from replay.checker import Divergence, ProfileResult, Result, SlotHistory, Verdict
 from replay.history import OpRecord
 from replay.model import errno_name, status_name
 from replay.trace import Event
@@ -40,7 +41,13 @@ def describe_op(rec: OpRecord) -> str:
         return f"put slot {op.slot}"
     if rec.kind == "evict":
         return f"evict {op.key}"
+    if rec.kind == "callback":  # a driver callback outside any operation
+        return f"the driver's {_callback(rec.call)} callback"
     return "reprogram_all"
+
+
+def _callback(e: Event) -> str:
+    return "program" if e.kind.name.startswith("program") else "evict"
 
 
 def observed(rec: OpRecord, flavour: str = "mainline-unlink") -> str:
@@ -57,7 +64,43 @@ def observed(rec: OpRecord, flavour: str = "mainline-unlink") -> str:
         return f"result {errno_name(op.result)}{drv or ' without calling the driver'}"
     if rec.kind == "reprogram":
         return ", ".join(f"program slot {p.slot} ({p.key})" for p in op.programs) or "no program calls"
+    if rec.kind == "callback":
+        return f"{_callback(rec.call)} slot {rec.call.slot} ({rec.call.key})"
     return "put"
+
+
+def _lines(rec: OpRecord) -> str:
+    """'line 235-238, cpu 3, tid 1003': where an operation is in the trace."""
+    first = rec.call or rec.ret
+    lines = f"line {first.line}-{rec.line}" if rec.call and rec.ret and rec.call is not rec.ret else f"line {rec.line}"
+    return f"{lines}, cpu {rec.cpu}, tid {rec.tid}"
+
+
+def slot_history(h: SlotHistory) -> str:
+    """The last operation on a slot, in words, saying so where it is not certain which."""
+    done = " or ".join(f"{describe_op(r)} ({_lines(r)})" for r in h.last)
+    if len(h.last) > 1:
+        done += " (they overlap: any of them may have come last)"
+    if h.in_flight:
+        done += ("; or, if it came first, " if done else "") + " or ".join(
+            f"{describe_op(r)} ({_lines(r)})" for r in h.in_flight) + ", in flight"
+    if h.since and h.since == h.last:
+        done += f", since then {h.use}"
+    elif h.since:
+        done += f"; {h.use} since " + " or ".join(
+            f"{describe_op(r)} ({_lines(r)})" for r in h.since)
+    return done
+
+
+def _role(h: SlotHistory, d: Divergence) -> str:
+    if h.role == model.VICTIM:
+        return "the model's LRU head" if len(model.victim_candidates(d.state)) == 1 else "a possible LRU head"
+    if h.role == model.HOLDS_KEY:
+        return "where the model has the key"
+    if d.op.kind == "get":
+        return "the slot it programmed" if d.op.op.program else "the slot it hit"
+    return {"put": "the slot it put", "evict": "the slot it evicted",
+            "reprogram": "a slot it programmed"}.get(d.op.kind, "the slot it named")
 
 
 def _profile_name(p: ProfileResult) -> str:
@@ -98,16 +141,19 @@ def render(result: Result, console: Console) -> None:
 
 def _render_divergence(d: Divergence, console: Console, flavour: str) -> None:
     rec = d.op
-    first = rec.call or rec.ret
     console.print()
     console.print(Text(f"First operation the model cannot explain: {describe_op(rec)}", style="bold"),
-                  f"(line {first.line}-{rec.line}, cpu {rec.cpu}, tid {rec.tid})")
+                  f"({_lines(rec)})")
     console.print(Text("  ") + Text(d.reason, style="red"))
     console.print(f"  observed:      {observed(rec, flavour)}")
     console.print(f"  model allows:  {'; '.join(d.allowed)}")
     console.print("  model state before it:")
     for s in d.state_before:
         console.print(f"    {s}")
+    if d.earlier:
+        console.print("  the last operation on each slot it depends on:")
+        for h in d.earlier:
+            console.print(f"    slot {h.slot}, {_role(h, d)}: {slot_history(h)}")
     if d.inflight:
         console.print("  overlapping operations tried in every order: "
                       + ", ".join(f"{describe_op(r)} (line {r.line})" for r in d.inflight))
@@ -119,25 +165,7 @@ def _render_divergence(d: Divergence, console: Console, flavour: str) -> None:
 
 
 def to_json(result: Result) -> dict[str, Any]:
-    def div(d: Divergence | None):
-        if d is None:
-            return None
-        rec = d.op
-        return {
-            "operation": describe_op(rec),
-            "call_line": rec.call.line if rec.call else None,
-            "return_line": rec.ret.line if rec.ret else None,
-            "t": (rec.ret or rec.call).t,
-            "cpu": rec.cpu,
-            "tid": rec.tid,
-            "reason": d.reason,
-            "observed": observed(rec, result.flavour),
-            "model_allows": d.allowed,
-            "state_before": d.state_before,
-            "overlapping": [{"operation": describe_op(r), "line": r.line} for r in d.inflight],
-            "preceding_lines": [e.line for e in d.preceding],
-        }
-
+    """The verdict as one JSON object: docs/schema/replay.schema.json says what every field means."""
     return {
         "verdict": result.verdict.name,
         "exit_code": int(result.verdict),
@@ -156,8 +184,84 @@ def to_json(result: Result) -> dict[str, Any]:
                 "max_in_flight": p.max_inflight,
                 "resyncs": p.resyncs,
                 "unknown_reason": p.unknown_reason,
-                "divergence": div(p.divergence),
+                "divergence": p.divergence and _divergence_json(p.divergence, result.flavour),
             }
             for p in result.profiles
         ],
+    }
+
+
+def _divergence_json(d: Divergence, flavour: str) -> dict[str, Any]:
+    return {
+        "operation": _op_json(d.op),
+        "reason": d.reason,
+        "observed": _observed_json(d.op, flavour),
+        "model_allows": [{"action": a.action, "slot": a.slot, "result": a.result,
+                          "programs": None if a.programs is None else [_program_json(s, k) for s, k in a.programs],
+                          "text": a.text} for a in d.alternatives],
+        "state_before": _state_json(d),
+        "slot_history": [{"slot": h.slot, "role": h.role, "role_text": _role(h, d),
+                          "operations": [_op_json(r) for r in h.last],
+                          "in_flight": [_op_json(r) for r in h.in_flight],
+                          "use": h.use, "since": [_op_json(r) for r in h.since],
+                          "text": slot_history(h)} for h in d.earlier],
+        "overlapping": [_op_json(r) for r in d.inflight],
+        "preceding_lines": [e.line for e in d.preceding],
+    }
+
+
+def _key(k) -> str | None:
+    return None if k is None or k is model.UNK else k
+
+
+def _program_json(slot: int, key, result: int | None = None) -> dict[str, Any]:
+    return {"slot": slot, "key": _key(key), "result": result}
+
+
+def _op_json(rec: OpRecord) -> dict[str, Any]:
+    e = rec.call or rec.ret
+    return {
+        "kind": rec.kind,
+        "text": describe_op(rec),
+        "key": e.key if rec.kind in ("get", "evict", "callback") else None,
+        "slot": e.slot if rec.kind in ("put", "callback") else None,
+        "call_line": rec.call.line if rec.call else None,
+        "return_line": rec.ret.line if rec.ret else None,
+        "call_t": rec.call.t if rec.call else None,
+        "return_t": rec.ret.t if rec.ret else None,
+        "cpu": rec.cpu,
+        "tid": rec.tid,
+        "incomplete": rec.incomplete,
+    }
+
+
+def _observed_json(rec: OpRecord, flavour: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"text": observed(rec, flavour)}
+    op = rec.op
+    if isinstance(op, model.Get):
+        out.update(status=op.status, slot=op.slot, program=op.program and _program_json(*op.program))
+    elif isinstance(op, model.Evict):
+        out.update(result=op.result, driver_evict=op.drv and {"slot": op.drv.slot, "result": op.drv.result})
+    elif isinstance(op, model.Reprogram):
+        out.update(programs=[_program_json(*p) for p in op.programs])
+    elif rec.kind == "callback":
+        out.update(callback=_callback(rec.call), slot=rec.call.slot, key=rec.call.key)
+    return out
+
+
+def _state_json(d: Divergence) -> dict[str, Any]:
+    st = d.state
+    slots = []
+    for s in range(st.num_slots):
+        m, r = st.modes[s], st.refs[s]
+        use = "in use" if r > 0 else ("unknown" if m == model.BOUNDED else "idle")
+        slots.append({"slot": s, "key": _key(st.keys[s]), "key_observed": st.keys[s] is not model.UNK, "refs": r,
+                      "refs_exact": m != model.BOUNDED, "state": use,
+                      "lru": st.lru.index(s) if m == model.KNOWN and r == 0 else None})
+    return {
+        "possible_states": d.n_states,
+        "slots": slots,
+        "lru_order": list(st.lru),
+        "position_unknown": [s["slot"] for s in slots if s["state"] != "in use" and s["lru"] is None],
+        "text": d.state_before,
     }

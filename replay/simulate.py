@@ -65,6 +65,8 @@ class Injected:
     t: int
     line: int  # first line of the operation where the bug shows (or, when it shows later, where it was made)
     slot: int | None
+    # lost-put: the get_call line of the get whose reference the dropped put released
+    reference_line: int | None = None
 
 
 def _fp(prefix: str, seed: int, i: int) -> str:
@@ -201,9 +203,9 @@ class _Sim:
         p.quiet = th  # and nobody starts one until the injecting operation returns
         return True
 
-    def mark(self, kind: str, line: int, slot: int | None) -> None:
+    def mark(self, kind: str, line: int, slot: int | None, reference_line: int | None = None) -> None:
         if self.injected is None:  # the first time the bug shows is the one the checker must name
-            self.injected = Injected(kind, self.now, line, slot)
+            self.injected = Injected(kind, self.now, line, slot, reference_line)
 
 
 class _Thread:
@@ -215,6 +217,7 @@ class _Thread:
         self.pid, self.comm = 1000 + (tid - 1000) % n, PROCESSES[(tid - 1000) % n]
         self.recent: list[str] = []
         self.forced_key: tuple | None = None
+        self.got_at: int | None = None  # get_call line of the request in progress
 
     def enter(self, p: _Profile) -> Iterator:
         while p.quiet is not None and p.quiet is not self:
@@ -269,6 +272,7 @@ class _Thread:
         s = self.sim
         yield from self.enter(p)
         start_line = s.emit(self, "get_call", p, key=key, pid=self.pid, comm=self.comm)
+        self.got_at = start_line  # a thread runs one request at a time: its put releases this get's reference
         try:
             return (yield from self._get(p, key, start_line))
         finally:
@@ -339,7 +343,7 @@ class _Thread:
         tracer = self
         if p.refs[slot] == 1 and s.want("lost-put", p, self):
             tracer = "drop"
-            s.mark("lost-put", s.line + 1, slot)
+            s.mark("lost-put", s.line + 1, slot, self.got_at)
         line = s.emit(tracer, "put_call", p, slot=slot)
         yield "sleep", s.small()
         if p.refs[slot] == 1 and s.want("refcount-leak", p, self):

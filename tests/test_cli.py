@@ -30,7 +30,7 @@ def test_inject_diverges_with_json(tmp_path):
     doc = json.loads(r.stdout)
     assert doc["verdict"] == "DIVERGED" and doc["exit_code"] == 1
     d = doc["profiles"][0]["divergence"]
-    assert "LRU head" in d["reason"] and d["call_line"] > 1 and d["state_before"]
+    assert "LRU head" in d["reason"] and d["operation"]["call_line"] > 1 and d["state_before"]["slots"]
 
 
 def test_human_divergence_report(tmp_path):

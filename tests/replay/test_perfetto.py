@@ -514,10 +514,11 @@ def test_cli_marks_the_first_divergence_as_replay_reports_it(tmp_path):
     out_ = check_format(doc, trace)
     check_against_trace(out_, trace)
     (div,) = [e for e in doc["traceEvents"] if e["name"] == "DIVERGED"]
-    assert ns(div["ts"]) == d["t"] and out_["procs"][div["pid"]] == replayed["profiles"][0]["id"]
-    assert div["args"]["reason"].startswith(f"{d['operation']} (line {d['call_line']}-{d['return_line']}, ")
+    op = d["operation"]
+    assert ns(div["ts"]) == op["return_t"] and out_["procs"][div["pid"]] == replayed["profiles"][0]["id"]
+    assert div["args"]["reason"].startswith(f"{op['text']} (line {op['call_line']}-{op['return_line']}, ")
     assert div["args"]["reason"].endswith(d["reason"])
-    assert r.stderr.count("\n") == 1 and f"DIVERGED, first divergence marked at line {d['return_line']}" in r.stderr
+    assert r.stderr.count("\n") == 1 and f"DIVERGED, first divergence marked at line {op['return_line']}" in r.stderr
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
