@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Wall time and peak memory of `export --perfetto` and `whatif` on a big simulated trace.
+"""Wall time and peak memory of `export --perfetto`, `whatif` and `report` on a big simulated trace.
 
-Usage: python bench/export_cost.py [--events N]
+Usage: python bench/export_cost.py [--events N] [--only COMMAND ...]
 
 Makes a concurrent simulated trace of about N events with `keyslot-trace simulate`
 (cached in $TMPDIR), then runs each command once, as a user would, in a fresh process,
@@ -41,6 +41,7 @@ def run(args: list[str], stdout=subprocess.DEVNULL) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--only", nargs="+", metavar="COMMAND", help="only these, e.g. --only report")
     args = ap.parse_args()
     cache = Path(tempfile.gettempdir()) / "keyslot-trace-bench"
     cache.mkdir(exist_ok=True)
@@ -48,19 +49,23 @@ def main() -> None:
     if not trace.exists():
         run(["simulate", "--requests", str(args.events // 5), *SIMULATE, "-o", str(trace)])
     events = sum(1 for _ in open(trace, "rb")) - 1
-    out = cache / "export.json"
+    out, page = cache / "export.json", cache / "report.html"
     cases = {
         "export --perfetto": ["export", "--perfetto", str(trace), "-o", str(out)],
         "export --perfetto --no-check": ["export", "--perfetto", "--no-check", str(trace), "-o", str(out)],
         "whatif --slots 1-64": ["whatif", "--slots", "1-64", str(trace)],
+        "report": ["report", str(trace), "-o", str(page)],  # (its what-if curve: --slots 1-64 too)
     }
+    cases = {k: v for k, v in cases.items() if not args.only or v[0] in args.only}
     print(f"trace: keyslot-trace simulate --requests {args.events // 5} {' '.join(SIMULATE)}: {events:,} events")
     print(f"{'command':30} {'wall':>8} {'events/s':>10} {'peak RSS':>9}")
     for name, cmd in cases.items():
         wall, rss = run(cmd)
         print(f"{name:30} {wall:>6.1f} s {events / wall:>10,.0f} {rss:>6.0f} MB", flush=True)
-    print(f"(export output: {out.stat().st_size / 1e6:,.0f} MB)")
-    out.unlink()
+    for what, f in (("export", out), ("report", page)):
+        if f.exists():
+            print(f"({what} output: {f.stat().st_size / 1e6:,.1f} MB)")
+            f.unlink()
 
 
 if __name__ == "__main__":

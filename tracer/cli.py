@@ -6,6 +6,9 @@ problems become one line on stderr ('FILE:LINE: what is wrong') and exit 2.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import signal
 import sys
 import time
@@ -54,7 +57,8 @@ def _read_trace(path: str):
 @click.argument("traces", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--semantics", type=click.Choice(["mainline-keep", "mainline-unlink", "android"]),
               help="Reference model to use (default: the one the trace header names).")
-@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print each trace's verdict as one JSON object on one line (JSON Lines, one line per TRACE).")
 @click.option("--budget", type=click.IntRange(min=1), default=200_000, show_default=True,
               help="Model steps the search may spend on one operation before answering UNKNOWN.")
 def replay(traces: tuple[str, ...], semantics: str | None, as_json: bool, budget: int) -> None:
@@ -65,10 +69,13 @@ def replay(traces: tuple[str, ...], semantics: str | None, as_json: bool, budget
     the worst verdict wins (DIVERGED over UNKNOWN over AGREE). A TRACE may be
     gzip-compressed, or - for standard input. A trace whose last line was cut
     off (a recorder killed hard) is read up to it, with the events after it lost.
+    With --json, one line per trace whatever their number, as each is checked;
+    the fields are those of docs/schema/replay.schema.json.
 
     \b
     Examples:
       keyslot-trace replay examples/fallback-4slots.ndjson
+      keyslot-trace replay --json examples/*.ndjson | jq .verdict
       keyslot-trace replay --semantics mainline-keep old-kernel.ndjson
       ssh host cat trace.ndjson.gz | keyslot-trace replay -
     """
@@ -79,21 +86,18 @@ def replay(traces: tuple[str, ...], semantics: str | None, as_json: bool, budget
 
     console = Console(stderr=False, highlight=False)
     worst = checker.Verdict.AGREE
-    outputs = []
     for path in traces:
         trace = _read_trace(path)
         with _Progress(console, path) as progress:
             result = checker.check(trace, semantics, budget, progress=progress.advance, on_total=progress.total)
-        if as_json:
-            outputs.append({"trace": path, **report.to_json(result)})
+        if as_json:  # one line per trace, the same shape for one trace or many
+            sys.stdout.write(orjson.dumps({"trace": path, **report.to_json(result)}).decode() + "\n")
+            sys.stdout.flush()
         else:
             if len(traces) > 1:
                 console.rule(path)
             report.render(result, console)
         worst = max(worst, result.verdict, key=_severity)
-    if as_json:
-        sys.stdout.write(orjson.dumps(outputs[0] if len(outputs) == 1 else outputs,
-                                      option=orjson.OPT_INDENT_2).decode() + "\n")
     sys.exit(int(worst))
 
 
@@ -101,7 +105,8 @@ def replay(traces: tuple[str, ...], semantics: str | None, as_json: bool, budget
 @click.argument("trace_path", metavar="TRACE", type=click.Path(dir_okay=False))
 @click.option("--slots", "slot_spec", default="1-64", show_default=True, metavar="RANGE",
               help="Slot counts to try: 1-64, 4,8,16 or 1-8,32 (the recorded count is always added).")
-@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON (source: trace or model per row).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the table as one JSON object on one line (source: trace or model per row).")
 def whatif(trace_path: str, slot_spec: str, as_json: bool) -> None:
     """How many keyslots does this workload need? Replay the trace's own demand with K slots.
 
@@ -128,8 +133,8 @@ def whatif(trace_path: str, slot_spec: str, as_json: bool) -> None:
     console = Console(highlight=False)
     results = [(d, w.sweep(d, sorted(set(counts) | {d.num_slots}))) for d in w.demands(trace)]
     if as_json:
-        sys.stdout.write(orjson.dumps({"trace": trace_path, "profiles": [w.to_json(d, o) for d, o in results]},
-                                      option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.write(orjson.dumps({"trace": trace_path, "profiles": [w.to_json(d, o) for d, o in results]})
+                         .decode() + "\n")
         return
     if not results:
         console.print(f"{trace_path}: no profile with keyslots in the trace (passthrough only, or no profile at all)")
@@ -163,10 +168,6 @@ def export(trace_path: str, perfetto: bool, output: str, check: bool) -> None:
       keyslot-trace export --perfetto trace.ndjson -o trace.json   # open in ui.perfetto.dev
       keyslot-trace export --perfetto --no-check big.ndjson -o -    # to stdout, without the replay
     """
-    import contextlib
-    import errno
-    import os
-
     from replay import checker
     from replay.perfetto import export as to_perfetto
     from replay.report import describe_op
@@ -174,8 +175,7 @@ def export(trace_path: str, perfetto: bool, output: str, check: bool) -> None:
     if not perfetto:
         raise click.UsageError("name the format: --perfetto (the only one)")
     trace = _read_trace(trace_path)  # (the whole trace: the reader sorts it by time)
-    if "-" not in (output, trace_path) and os.path.exists(output) and os.path.samefile(output, trace_path):
-        _fail_bad_input(f"{output}: is the trace itself; write the export elsewhere")
+    _not_the_trace(output, trace_path, "export")
     divergence, verdict = None, None
     if check:
         with _Progress(None, trace_path) as progress:
@@ -186,20 +186,74 @@ def export(trace_path: str, perfetto: bool, output: str, check: bool) -> None:
             divergence = (last.t, d.profile, f"{describe_op(d.op)} (line {first.line}-{last.line}, cpu {d.op.cpu}, "
                                              f"tid {d.op.tid}): {d.reason}")
     name = "stdout" if output == "-" else output
-    try:
-        with contextlib.nullcontext(sys.stdout.buffer) if output == "-" else open(output, "wb") as out:
-            counts = to_perfetto(trace.header, trace.events, out, divergence)
-            out.flush()
-    except OSError as e:  # a directory that does not exist, a full disk (/dev/full), a closed pipe
-        if e.errno == errno.EPIPE:  # so that Python's own flush at exit does not fail a second time
-            with contextlib.suppress(OSError, ValueError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        _fail_bad_input(f"{name}: {e.strerror or e}")
+    with _output(output) as out:
+        counts = to_perfetto(trace.header, trace.events, out, divergence)
     summary = (f"{name}: {counts['slices']:,} slices, {counts['instants']:,} instants, "
                f"{counts['counters']:,} counter values, {counts['profiles']} profile(s)")
     if verdict is not None:
         summary += f"; {verdict.name}" + (f", first divergence marked at line {last.line}" if divergence else "")
     click.echo(summary, err=True)
+
+
+@cli.command("report")
+@click.argument("trace_path", metavar="TRACE", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, metavar="FILE", help="HTML file to write; - for stdout.")
+@click.option("--slots", "slot_spec", default="1-64", show_default=True, metavar="RANGE",
+              help="Slot counts of the what-if curve, as whatif --slots (the recorded count is always added).")
+def report_cmd(trace_path: str, output: str, slot_spec: str) -> None:
+    """Write a trace's report as one self-contained HTML page (no network needed to view it).
+
+    The verdict, as replay decides it; per profile the summary top shows (gets, hits,
+    misses, programs, waits, evicts, errors; lost events), latency histograms, the what-if
+    curve of programs per slot count (the recorded count is the trace, the others the
+    model's estimate) and a timeline of which key each slot holds and when it is in use.
+    For a DIVERGED trace: the operations in flight around the first divergence, a row per
+    thread, and the model state before it. TRACE may be gzip-compressed, or - for
+    standard input. Exit status: 0 once written, whatever the verdict; 2 bad input, or an
+    output that cannot be written.
+
+    \b
+    Examples:
+      keyslot-trace report trace.ndjson -o report.html
+      keyslot-trace report --slots 1-16 bad.ndjson -o - > bad.html
+    """
+    from replay import checker
+    from replay.whatif import parse_slot_counts
+    from tracer.htmlreport import render
+
+    try:
+        counts = parse_slot_counts(slot_spec)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--slots") from None
+    trace = _read_trace(trace_path)
+    _not_the_trace(output, trace_path, "report")
+    with _Progress(None, trace_path) as progress:
+        result = checker.check(trace, progress=progress.advance, on_total=progress.total)
+    page = render(trace, trace_path, result, counts).encode()
+    with _output(output) as out:
+        out.write(page)
+    click.echo(f"{'stdout' if output == '-' else output}: {result.verdict.name}, {len(result.profiles)} profile(s), "
+               f"{len(page) / 1000:,.0f} kB", err=True)
+
+
+def _not_the_trace(output: str, trace_path: str, what: str) -> None:
+    if "-" not in (output, trace_path) and os.path.exists(output) and os.path.samefile(output, trace_path):
+        _fail_bad_input(f"{output}: is the trace itself; write the {what} elsewhere")
+
+
+@contextlib.contextmanager
+def _output(output: str):
+    """The binary file to write, - for stdout. Failing to write it (a directory that does not exist,
+    a full disk as /dev/full, a closed pipe) is one line and exit 2."""
+    try:
+        with contextlib.nullcontext(sys.stdout.buffer) if output == "-" else open(output, "wb") as out:
+            yield out
+            out.flush()
+    except OSError as e:
+        if e.errno == errno.EPIPE:  # so that Python's own flush at exit does not fail a second time
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _fail_bad_input(f"{'stdout' if output == '-' else output}: {e.strerror or e}")
 
 
 def _severity(v) -> int:
@@ -328,6 +382,12 @@ def record(output: str | None, duration: float | None, disk: str | None, probe_t
     the trace header. Ctrl-C (or SIGTERM) stops, detaches every probe and
     leaves a complete file.
 
+    Every process's gets are recorded, each get_call with its process (pid
+    and comm). There is no process filter here: every process's gets share
+    the slots, and a trace without some of them could not be replayed
+    against the model. To look at one process, filter the view instead:
+    keyslot-trace top --from FILE -p PID (or --comm NAME).
+
     \b
     Example:
       sudo keyslot-trace record -o trace.ndjson --duration 30
@@ -419,11 +479,19 @@ def doctor() -> None:
 @click.option("--ebpf", is_flag=True,
               help="Live: print the BPF program live top would load (in-kernel counting, or every event), "
                    "with its compiler flags, and exit (needs neither root nor bcc).")
+@click.option("-p", "--pid", type=click.IntRange(min=0), metavar="PID",
+              help="Show only the gets of process PID (get_call's pid, the kernel's tgid): counts, histograms "
+                   "and event log; the slot map stays the whole profile's. A view filter: -o still records "
+                   "everything. Live, needs --every-event.")
+@click.option("--comm", metavar="NAME",
+              help="Show only the gets of tasks named NAME (their comm, exactly; cut to 15 characters as the "
+                   "kernel cuts it), as -p does. With -p: both must match.")
 @click.argument("interval", required=False, default=1.0, type=click.FloatRange(min=0, min_open=True))
 @click.argument("count", required=False, type=click.IntRange(min=1))
 @click.pass_context
 def top(ctx: click.Context, trace_path: str | None, output: str | None, disk: str | None, every_event: bool,
-        speed: float, check: bool, as_json: bool, ebpf: bool, interval: float, count: int | None) -> None:
+        speed: float, check: bool, as_json: bool, ebpf: bool, pid: int | None, comm: str | None, interval: float,
+        count: int | None) -> None:
     """Show keyslots, gets, hits, waits and latencies, live from the kernel (root, bcc) or from a trace.
 
     Per profile: each slot's key, refcount, LRU rank, programs and last program
@@ -438,6 +506,12 @@ def top(ctx: click.Context, trace_path: str | None, output: str | None, disk: st
     0; 1 if tracing cannot work here, or if --check showed a divergence; 2 bad
     input. Keys: q quit, p pause, tab/arrows profile, s sort, / filter, ? help.
 
+    Each get_call names its process (comm:pid): the screen shows the busiest
+    ones, and -p/--comm show one process's gets. Writeback and the
+    blk-crypto-fallback's decryption run in kernel threads (kworker), so
+    those gets are theirs. Puts, evicts and reprograms belong to no process:
+    filtered, they are not counted.
+
     \b
     Examples:
       sudo keyslot-trace top                              # live, on this kernel's probes
@@ -446,9 +520,13 @@ def top(ctx: click.Context, trace_path: str | None, output: str | None, disk: st
       keyslot-trace top --from trace.ndjson               # a recorded trace, at its own pace
       keyslot-trace top --from bad.ndjson --speed 0 --check
       keyslot-trace top --from trace.ndjson --json 0.01   # a JSON line per 10 ms of trace
+      keyslot-trace top --from trace.ndjson --comm fio    # only fio's gets
+      sudo keyslot-trace top --every-event -p 1234        # live, only process 1234's gets
     """
     from tracer import top as top_view
+    from tracer.tui.aggregate import ProcFilter
 
+    proc_filter = ProcFilter(pid, comm) if pid is not None or comm is not None else None
     if trace_path is None:
         given = [f"--{n}" for n in ("speed", "check")
                  if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
@@ -458,18 +536,26 @@ def top(ctx: click.Context, trace_path: str | None, output: str | None, disk: st
         if ebpf:
             _print_ebpf(not (every_event or output))
             return
-        _top_live(output, disk, every_event or output is not None, as_json, interval, count)
+        if proc_filter is not None and not (every_event or output):
+            _fail_bad_input("-p/--comm need --every-event: the in-kernel counters are per profile, "
+                            "not per process")
+        _top_live(output, disk, every_event or output is not None, as_json, interval, count, proc_filter)
         return
     live_only = [o for o, v in (("-o", output), ("-d", disk), ("--every-event", every_event), ("--ebpf", ebpf)) if v]
     if live_only:
         _fail_bad_input(f"{' and '.join(live_only)} only appl{'ies' if len(live_only) == 1 else 'y'} "
                         "to the live kernel, not to a recorded trace (--from FILE)")
     trace = _read_trace(trace_path)
-    sys.exit(top_view.run(trace, speed=speed, check=check, as_json=as_json, interval_s=interval, count=count))
+    if proc_filter is not None and not any(e.pid is not None or e.comm is not None for e in trace.events
+                                           if e.kind.name == "get_call"):
+        _fail_bad_input(f"{trace_path}: its gets name no process (no pid or comm on get_call: an older "
+                        "recording), so -p/--comm cannot filter it")
+    sys.exit(top_view.run(trace, speed=speed, check=check, as_json=as_json, interval_s=interval, count=count,
+                          proc_filter=proc_filter))
 
 
 def _top_live(output: str | None, disk: str | None, every_event: bool, as_json: bool, interval: float,
-              count: int | None) -> None:
+              count: int | None, proc_filter=None) -> None:
     """`top` without --from: attach the probes as `record` does and watch them."""
     import contextlib
 
@@ -496,7 +582,8 @@ def _top_live(output: str | None, disk: str | None, every_event: bool, as_json: 
             how = "every event" if every_event else "counting in the kernel"
             click.echo(f"{summary}; watching ({how})" + (f", recording to {output}" if output else ""), err=True)
             name = f"live -> {output}" if output else "live" if every_event else "live (in-kernel counts)"
-            status = top_view.run_live(rec, as_json=as_json, interval_s=interval, count=count, name=name)
+            status = top_view.run_live(rec, as_json=as_json, interval_s=interval, count=count, name=name,
+                                       proc_filter=proc_filter)
     except ProbeError as e:
         click.echo(f"keyslot-trace: {e}", err=True)
         sys.exit(EXIT_CANNOT_TRACE)
