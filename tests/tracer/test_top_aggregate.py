@@ -134,15 +134,20 @@ def test_attached_profile_starts_unobserved_and_lost_events_make_it_approximate(
     assert agg.snapshot().lost == 3 and "lost" in only(agg).approx
 
 
+def play(trace, **kw):
+    """Feed a trace to an Aggregator as top does; returns it and the intervals it closed."""
+    agg, closed = Aggregator(trace.header, **kw), []
+    for e in trace.events:
+        closed += agg.advance_to(e.t)
+        agg.apply(e)
+    return agg, closed
+
+
 def test_intervals_partition_the_counts_and_skip_empty_ones():
     recs = [init(2)] + get(10, 101, "kA", 0, program=(0, 0, 5)) + put(100, 101, 0)
     recs += get(1500, 101, "kA", 0) + get(5200, 102, "kA", 0)
     trace = parse_trace(dumps_events(HEADER, recs))
-    agg = Aggregator(trace.header, interval_ns=1000)
-    closed = []
-    for e in trace.events:
-        closed += agg.advance_to(e.t)
-        agg.apply(e)
+    agg, closed = play(trace, interval_ns=1000)
     # intervals start at the first event (t=0): [0,1000) [1000,2000) then a jump to [5000,6000)
     assert [(i.start, i.end) for i in closed] == [(0, 1000), (1000, 2000)]
     assert agg.interval_start == 5000
@@ -246,11 +251,7 @@ def test_process_counts_per_interval():
     recs = [init(2)] + owned(get(10, 101, "kA", 0, program=(0, 0, 5)), 100, "fio") + put(40, 101, 0)
     recs += owned(get(1500, 57, "kA", 0), 57, "kworker/0:1H") + owned(get(1600, 102, "kA", 0), 100, "fio")
     trace = parse_trace(dumps_events(HEADER, recs))
-    agg = Aggregator(trace.header, interval_ns=1000)
-    closed = []
-    for e in trace.events:
-        closed += agg.advance_to(e.t)
-        agg.apply(e)
+    agg, closed = play(trace, interval_ns=1000)
     closed += agg.advance_to(2000)
     assert [{k[1:]: c.gets for k, c in iv.processes.items()} for iv in closed] == [
         {(100, "fio"): 1}, {(57, "kworker/0:1H"): 1, (100, "fio"): 1}]
