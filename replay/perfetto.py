@@ -12,10 +12,13 @@ Each profile is a "process" (in order of first appearance) with:
   releases it; this is what the kernel reported, not what the reference model predicts.
 * a track per thread (tid 0, every CPU's idle task, is one per CPU) with its get/put/evict/reprogram_all
   operations, call to return, and the driver's program/evict callbacks nested in them. A get that waited
-  for an idle slot is just a long get; an interrupt's put can nest inside the thread's get.
+  for an idle slot is just a long get; an interrupt's put can nest inside the thread's get. The track is
+  named by its kernel tid and, where its get_calls say (``pid``, ``comm``), its process: "fio:1000 tid 1003".
 * counters "slots in use", "slots idle" and "gets in flight" (called, not returned: an upper bound on
   the waiters); instants for evicts, failures and reprogram_all; lost events and the checker's
-  divergence, if given.
+  divergence, if given. Failures are named as ``replay`` names them, with the trace's number beside:
+  "evict failed -EBUSY (-16)", "get failed BLK_STS_IOERR (10)" (on android kernels a get's status is
+  an errno too); their args keep the number alone.
 
 Times: "ts" and "dur" are microseconds; they are written as t_ns / 1000, a float whose shortest decimal
 form is exact to the nanosecond, on the trace's clock (CLOCK_MONOTONIC). A perf or ftrace recording of
@@ -28,6 +31,9 @@ the open intervals. Whatever is open at the end closes at the last event's time 
 Pids and track tids are small ints drawn from one sequence, so that no tid is used twice, or equal to a
 pid: Perfetto's JSON importer applies a thread_name to the latest thread of that tid whatever its pid,
 and files events without a tid (counters, instants) under tid = pid. The kernel's tid is in the name.
+A thread track is named when it is created, from the event that creates it; a get_call naming a process
+its name does not list yet names it anew (another thread_name, written then: Perfetto's importer takes
+metadata anywhere in the file, and the last name of a thread wins), so nothing waits for the trace's end.
 """
 
 from __future__ import annotations
@@ -41,9 +47,11 @@ import orjson
 
 from probes.events import EventKind as K
 from replay.history import thread_key
+from replay.model import errno_name, status_name
 from replay.trace import Event, Header
 
 GLOBAL_PID = 0  # global instants (lost events) are not any profile's
+MAX_PROCS = 4  # processes named in a thread track's name, at most (a task's comm changes on exec and prctl)
 
 _CALLS = {K.get_call: "get", K.put_call: "put", K.evict_call: "evict", K.reprogram_call: "reprogram_all"}
 _RETURNS = {K.get_return: "get", K.put_return: "put", K.evict_return: "evict", K.reprogram_return: "reprogram_all"}
@@ -75,6 +83,7 @@ class _Track:
     stack: list[_Interval] = field(default_factory=list)  # open intervals, innermost last
     ops: list[_Op] = field(default_factory=list)  # thread tracks: operations in flight, innermost last
     callback: _Interval | None = None  # thread tracks: the driver callback in flight
+    procs: list[tuple] = field(default_factory=list)  # thread tracks: (pid, comm) of its gets, up to MAX_PROCS + 1
 
 
 @dataclass(slots=True)
@@ -106,6 +115,7 @@ class _Exporter:
         self.profiles: dict[str, _Profile] = {}
         self.t, self.started = 0, False
         self.unlink_on_error = header.semantics == "mainline-unlink"  # a failed evict still empties the slot
+        self.flavour = header.semantics  # what a get's status is: blk_status_t, or -errno on android
         self.ids = itertools.count(1)  # pids and tids
         info = {k: getattr(header, k) for k in ("kernel", "api", "semantics", "tool", "host", "start_time", "clock")}
         # displayTimeUnit first: Perfetto only honours it in the file's first chunk
@@ -180,12 +190,19 @@ class _Exporter:
         return track
 
     def thread(self, p: _Profile, ev: Event) -> _Track:
-        """The track of the event's thread; tid 0 is every CPU's idle task, so one per CPU."""
+        """The track of the event's thread; tid 0 is every CPU's idle task, so one per CPU. Named by the
+        processes (comm:pid) its gets name, once one does: named anew when a get names another."""
         key = thread_key(ev)
         track = p.threads.get(key)
+        proc = (ev.pid, ev.comm) if ev.kind is K.get_call and (ev.pid is not None or ev.comm is not None) else None
         if track is None:
-            name = f"tid {ev.tid}" if ev.tid else f"cpu {ev.cpu} (tid 0)"
-            track = p.threads[key] = self.track(p, name, 1_000_000 + len(p.threads), ("thread", p.id, key))
+            procs = [proc] if proc else []
+            track = p.threads[key] = self.track(p, _thread_name(ev, procs), 1_000_000 + len(p.threads),
+                                                ("thread", p.id, key))
+            track.procs = procs
+        elif proc is not None and proc not in track.procs and len(track.procs) <= MAX_PROCS:
+            track.procs.append(proc)  # (beyond MAX_PROCS: one more, shown as "…", then no more)
+            self.meta("thread_name", p.pid, {"name": _thread_name(ev, track.procs)}, track.tid)
         return track
 
     def slot(self, p: _Profile, n: int | None) -> _Slot | None:
@@ -281,7 +298,8 @@ class _Exporter:
         if ev.kind is K.get_return:
             took = op.took if op is not None else None
             if ev.result != 0:
-                self.instant(p, ev.t, f"get failed {ev.result}", {"key": ev.key, "status": ev.result})
+                self.instant(p, ev.t, f"get failed {status_name(ev.result, self.flavour)}",
+                             {"key": ev.key, "status": ev.result})
             elif took is not None and took == ev.slot:
                 return  # a miss: its reference was taken when it programmed the slot
             elif self.slot(p, ev.slot) is not None:
@@ -292,7 +310,7 @@ class _Exporter:
             if ev.slot is not None:
                 self.release(p, ev.slot, ev.t)
         elif ev.kind is K.evict_return:
-            name = "evict" if ev.result == 0 else f"evict failed {ev.result}"
+            name = "evict" if ev.result == 0 else f"evict failed {errno_name(ev.result)}"
             self.instant(p, ev.t, name, {"key": ev.key, "result": ev.result})
             if ev.key in p.where and (ev.result == 0 or self.unlink_on_error):
                 self.set_key(p, p.where[ev.key], None, ev.t)
@@ -308,7 +326,8 @@ class _Exporter:
             self.close(track, track.callback, ev.t, result=ev.result)
             track.callback = None
         if ev.result != 0:
-            self.instant(p, ev.t, f"{name} failed {ev.result}", {"key": ev.key, "slot": ev.slot, "result": ev.result})
+            self.instant(p, ev.t, f"{name} failed {errno_name(ev.result)}",
+                         {"key": ev.key, "slot": ev.slot, "result": ev.result})
         elif self.slot(p, ev.slot) is None:
             return
         elif ev.kind is K.drv_evict_return:
@@ -372,6 +391,16 @@ class _Exporter:
             t, pid, reason = divergence
             self.instant(self.profiles.get(pid), t, "DIVERGED", {"reason": reason, "profile": pid})
         self.out.write(b"\n]}\n")
+
+
+def _thread_name(ev: Event, procs: list[tuple]) -> str:
+    """'fio:1000 tid 1003' (comm:pid, as top shows a process, '?' where the trace does not say),
+    'cpu 2 (tid 0)' for a CPU's idle task, 'tid 1003' where no get named its process."""
+    name = f"tid {ev.tid}" if ev.tid else f"cpu {ev.cpu} (tid 0)"
+    if not procs:
+        return name
+    labels = [f"{'?' if comm is None else comm}:{'?' if pid is None else pid}" for pid, comm in procs[:MAX_PROCS]]
+    return ", ".join(labels + ["…"] * (len(procs) > MAX_PROCS)) + " " + name
 
 
 class Slices(_Exporter):

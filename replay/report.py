@@ -92,6 +92,16 @@ def slot_history(h: SlotHistory) -> str:
     return done
 
 
+#: the heading of earlier_lines() in `replay`'s report (and `report`'s page)
+EARLIER_HEADING = "the last operation on each slot it depends on"
+
+
+def earlier_lines(d: Divergence) -> list[str]:
+    """For each slot the divergence depends on, its last operation, as `replay` prints it:
+    'slot 2, the slot it programmed: put slot 2 (line 205-206, cpu 3, tid 1003), since then idle'."""
+    return [f"slot {h.slot}, {_role(h, d)}: {slot_history(h)}" for h in d.earlier]
+
+
 def _role(h: SlotHistory, d: Divergence) -> str:
     if h.role == model.VICTIM:
         return "the model's LRU head" if len(model.victim_candidates(d.state)) == 1 else "a possible LRU head"
@@ -151,9 +161,9 @@ def _render_divergence(d: Divergence, console: Console, flavour: str) -> None:
     for s in d.state_before:
         console.print(f"    {s}")
     if d.earlier:
-        console.print("  the last operation on each slot it depends on:")
-        for h in d.earlier:
-            console.print(f"    slot {h.slot}, {_role(h, d)}: {slot_history(h)}")
+        console.print(f"  {EARLIER_HEADING}:")
+        for line in earlier_lines(d):
+            console.print(f"    {line}", markup=False, highlight=False)
     if d.inflight:
         console.print("  overlapping operations tried in every order: "
                       + ", ".join(f"{describe_op(r)} (line {r.line})" for r in d.inflight))

@@ -33,7 +33,7 @@ from replay.checker import Divergence, Result
 from replay.history import thread_key
 from replay.model import errno_name, status_name
 from replay.perfetto import Slices
-from replay.report import describe_event, describe_op, observed, unknown_reason
+from replay.report import EARLIER_HEADING, describe_event, describe_op, earlier_lines, observed, unknown_reason
 from replay.trace import Trace
 from replay.whatif import _duration as duration
 from tracer.tui.aggregate import Aggregator, ProfileView
@@ -151,6 +151,9 @@ def _divergence(d: Divergence, slices: _Collector, n: int, flavour: str) -> str:
     out.append("<p class=\"note\">Its profile's slots over the same time, as the kernel's events show them:</p>\n"
                + _slots(d.profile, n, slices.near, slices.near.t0 - t, "time relative to its return"))
     out.append("<h3>Model state before it</h3>\n<pre>" + e("\n".join(d.state_before)) + "</pre>\n")
+    if d.earlier:  # as `replay` words it: the put that leaked, the get whose put was never seen
+        out.append(f"<h3>{e(EARLIER_HEADING[0].upper() + EARLIER_HEADING[1:])}</h3>\n<ul class=\"earlier\">"
+                   + "".join(f"<li>{e(line)}</li>" for line in earlier_lines(d)) + "</ul>\n")
     if d.inflight:
         out.append("<p>Overlapping operations tried in every order: "
                    + e(", ".join(f"{describe_op(r)} (line {r.line})" for r in d.inflight)) + "</p>\n")

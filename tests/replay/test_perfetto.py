@@ -239,7 +239,8 @@ def test_lost_events_and_failures_are_instants():
     doc, _ = to_json(trace)
     check_format(doc, trace)
     instants = {x["name"]: x for x in doc["traceEvents"] if x["ph"] == "i"}
-    assert set(instants) == {"program failed -5", "get failed 10", "lost events"}
+    assert set(instants) == {"program failed -EIO (-5)", "get failed BLK_STS_IOERR (10)", "lost events"}
+    assert instants["get failed BLK_STS_IOERR (10)"]["args"]["status"] == 10  # (args: the trace's number)
     lost = instants["lost events"]
     assert lost["s"] == "g" and lost["args"]["count"] == 3 and lost["args"]["since"] == 15 and ns(lost["ts"]) == 20
     assert residencies(doc) == []  # a failed program leaves the slot as it was
@@ -377,6 +378,80 @@ def test_the_format_checks_catch_broken_output():
         orjson.loads(buf.getvalue()[:-4])
 
 
+# -- thread tracks: named by the processes their gets name --
+
+def thread_names(out: dict) -> dict[tuple, str]:
+    """(profile, kernel tid or "cpu N") -> the thread track's name (its last thread_name)."""
+    names = {}
+    for (pid, tid), name in out["names"].items():
+        if not name.startswith("slot "):
+            m = re.fullmatch(r"(?:.* )?(tid (\d+)|cpu (\d+) \(tid 0\))", name)
+            assert m, name
+            names[(out["procs"][pid], int(m[2]) if m[2] else f"cpu {m[3]}")] = name
+    return names
+
+
+def test_cli_thread_tracks_are_named_by_the_simulated_processes(tmp_path):
+    """`simulate` deals its threads to fio, postgres and rsync: each thread's track is named by the
+    comm:pid its get_calls carry (e.g. "fio:1000 tid 1003"), as top shows a process."""
+    sim, out = tmp_path / "sim.ndjson", tmp_path / "sim.json"
+    assert cli_run("simulate", "-o", str(sim), "--requests", "300").exit_code == 0
+    assert cli_run("export", "--perfetto", str(sim), "-o", str(out)).exit_code == 0
+    trace = read_trace(sim)
+    procs = defaultdict(set)  # (profile, tid) -> the (comm, pid) of its gets, from the trace itself
+    for e in trace.events:
+        if e.kind.name == "get_call":
+            procs[(e.profile, e.tid)].add((e.comm, e.pid))
+    assert {c for ps in procs.values() for c, _ in ps} == {"fio", "postgres", "rsync"}
+    assert all(len(ps) == 1 for ps in procs.values())
+    doc = orjson.loads(out.read_bytes())
+    checked = check_format(doc, trace)
+    names = thread_names(checked)
+    assert names == {k: f"{comm}:{pid} tid {k[1]}" for k, ((comm, pid),) in procs.items()}
+    assert "fio:1000 tid 1003" in names.values()
+    # each track named once, when it is made (each thread's first event here is a get_call)
+    assert sum(1 for x in doc["traceEvents"] if x["name"] == "thread_name") == len(checked["names"])
+
+
+@pytest.mark.parametrize("path", [p for p in EXAMPLES if b'"comm"' not in p.read_bytes()], ids=lambda p: p.name)
+def test_a_trace_without_comm_keeps_the_thread_names_it_had(path):
+    trace = read_trace(path)
+    doc, _ = to_json(trace)
+    names = thread_names(check_format(doc, trace))
+    assert names and all(n == (f"tid {t}" if isinstance(t, int) else f"{t} (tid 0)") for (_, t), n in names.items())
+
+
+def test_a_thread_is_named_anew_when_a_get_names_its_process():
+    """Streaming: a track is named when made, from what is known then, and again (another thread_name,
+    written then) when a get names a process its name does not list yet."""
+    def get(t, tid, key, slot, cpu=0, **proc):
+        return [{**ev(t, "get_call", tid, key=key, **proc), "cpu": cpu},
+                {**ev(t + 1, "get_return", tid, key=key, status=0, slot=slot), "cpu": cpu}]
+
+    records = [ev(1, "profile_init", num_slots=2), *miss(10, "k1", 0, tid=9),
+               *put(20, 0, tid=5),  # an interrupt's put on tid 5 before any of its gets
+               *get(30, 5, "k1", 0, pid=100, comm="fio"), *get(40, 5, "k1", 0, pid=100, comm="fio"),
+               *get(50, 6, "k1", 0, comm="dd"),  # a comm without its pid
+               *get(60, 0, "k1", 0, cpu=2, pid=0, comm="swapper/2"),  # tid 0: one track per CPU
+               *get(70, 7, "k1", 0, pid=300, comm="sh"), *get(80, 7, "k1", 0, pid=300, comm="make"),  # exec
+               *[r for i in range(7) for r in get(100 + 10 * i, 8, "k1", 0, pid=400 + i, comm=f"c{i}")]]
+    trace = parse_trace(dumps_events(HEADER, records))
+    doc, _ = to_json(trace)
+    out = check_format(doc, trace)
+    check_against_trace(out, trace)
+    assert thread_names(out) == {("p1", 9): "tid 9", ("p1", 5): "fio:100 tid 5", ("p1", 6): "dd:? tid 6",
+                                 ("p1", "cpu 2"): "swapper/2:0 cpu 2 (tid 0)", ("p1", 7): "sh:300, make:300 tid 7",
+                                 ("p1", 8): "c0:400, c1:401, c2:402, c3:403, … tid 8"}
+    named = [(x["tid"], x["args"]["name"]) for x in doc["traceEvents"] if x["name"] == "thread_name"]
+    tid5 = [n for _, n in named if n.endswith(" tid 5") or n == "tid 5"]
+    assert tid5 == ["tid 5", "fio:100 tid 5"]  # named when made, renamed once
+    assert len([n for _, n in named if n.endswith("tid 8")]) == 5  # up to the "…", then no more
+    # the rename comes when the get is seen, before anything written after it
+    first_slice_after = next(i for i, x in enumerate(doc["traceEvents"]) if x["ph"] == "X" and ns(x["ts"]) >= 31)
+    assert next(i for i, x in enumerate(doc["traceEvents"]) if x.get("args", {}).get("name") == "fio:100 tid 5") \
+        < first_slice_after
+
+
 # -- the slots' contents over time, against the checker's model states --
 
 def held_at_end(doc: dict) -> dict[str, dict[int, str]]:
@@ -469,6 +544,23 @@ def test_a_busy_evict_empties_the_slot_only_where_the_kernel_unlinks(semantics, 
     assert [(k, start, end) for k, start, end, _ in residencies(doc)] == [("k1", 12, ends)]
     in_use = [(ns(x["ts"]), ns(x["ts"] + x["dur"])) for x in doc["traceEvents"] if x["name"] == "in use"]
     assert in_use == ([(12, 31), (31, 41)] if ends == 31 else [(12, 41)])  # the I/O still holds the slot
+    (failed,) = [x for x in doc["traceEvents"] if x["ph"] == "i"]
+    assert failed["name"] == "evict failed -EBUSY (-16)" and failed["args"]["result"] == -16
+
+
+@pytest.mark.parametrize("semantics,status,name", [("mainline-unlink", 1, "BLK_STS_NOTSUPP (1)"),
+                                                   ("android", -126, "-ENOKEY (-126)"),
+                                                   ("android", -5, "-EIO (-5)")])
+def test_failures_are_named_as_replay_names_them(semantics, status, name):
+    """A get's status is blk_status_t on mainline, -errno on android (the header's semantics); numbers
+    the kernel has no name for stay numbers."""
+    records = [ev(1, "profile_init", num_slots=1), ev(10, "get_call", key="k1"),
+               ev(11, "get_return", key="k1", status=status, slot=None),
+               ev(20, "evict_call", key="k1"), ev(21, "evict_return", key="k1", result=-9999)]
+    trace = parse_trace(dumps_events(dataclasses.replace(HEADER, semantics=semantics), records))
+    doc, _ = to_json(trace)
+    check_against_trace(check_format(doc, trace), trace)
+    assert [x["name"] for x in doc["traceEvents"] if x["ph"] == "i"] == [f"get failed {name}", "evict failed -9999"]
 
 
 # -- memory: the exporter holds the open intervals, not the trace --

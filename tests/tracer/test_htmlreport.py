@@ -1,6 +1,8 @@
 """`keyslot-trace report`: one self-contained HTML page, checked as HTML, against the trace's own
 events, and in a real browser (Debian's chromium, headless: tests/run installs it; never skipped)."""
 
+import itertools
+import re
 import shutil
 import struct
 import subprocess
@@ -214,6 +216,38 @@ def test_a_diverged_trace_shows_the_operation_and_the_model_state(tmp_path, inje
     # and the profile's slots around it
     rows = page.find("g", section, cls="slot-row")
     assert [int(g["attrs"]["data-slot"]) for g in rows] == list(range(result.profiles[0].num_slots))
+
+
+@pytest.mark.parametrize("inject", ["refcount-leak", "lost-put"])
+def test_a_diverged_trace_names_the_earlier_operation_as_replay_does(tmp_path, inject):
+    """The issue's reproduction: the page names the put that leaked (the line `simulate` prints), or
+    the get whose put was lost, in the very lines `replay` prints under the same heading."""
+    bad = tmp_path / "bad.ndjson"
+    r = cli_run("simulate", "--inject", inject, "--requests", "600", "-o", str(bad))
+    m = re.search(rf"injected {inject} at line (\d+) \(slot (\d+)\)", r.stderr)
+    assert m, r.stderr
+    slot = int(m[2])
+    (h,) = [h for h in check(read_trace(bad)).divergence.earlier if h.slot == slot and h.since]
+    want = int(m[1]) if inject == "refcount-leak" else h.since[0].call.line  # (lost-put: the get it released)
+    replayed = cli_run("replay", str(bad), env={"COLUMNS": "1000"}).stdout.splitlines()  # (no wrapping)
+    start = replayed.index("  the last operation on each slot it depends on:") + 1
+    lines = [ln.strip() for ln in itertools.takewhile(lambda ln: ln.startswith("    "), replayed[start:])]
+    use = "idle" if inject == "refcount-leak" else "in use"
+    assert [ln for ln in lines if re.fullmatch(rf"slot {slot}, [^:]*: .*\(line {want}-[^)]*\), since then {use}", ln)]
+    page = make_report(tmp_path, bad)
+    section = page.by_id("divergence")
+    assert "The last operation on each slot it depends on" in {text(h3) for h3 in page.find("h3", section)}
+    (ul,) = page.find("ul", section, cls="earlier")
+    assert [text(li) for li in page.find("li", ul)] == lines
+    # the keys in those lines are the trace's strings: markup in them stays text
+    keys = sorted(set(re.findall(r"\bk[0-9a-f]{12}\b", " ".join(lines))))
+    assert keys or inject == "refcount-leak"  # (lost-put: the get whose reference the lost put released)
+    for key in keys:
+        bad.write_text(bad.read_text().replace(f'"{key}"', f'"{key}<b>&amp;</b>"'))
+    page = make_report(tmp_path, bad)
+    assert not page.find("b")
+    (ul,) = page.find("ul", cls="earlier")
+    assert all(f"{key}<b>&amp;</b> (line" in text(ul) for key in keys)
 
 
 def test_everything_from_the_trace_is_escaped(tmp_path):
