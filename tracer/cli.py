@@ -10,12 +10,14 @@ import contextlib
 import errno
 import os
 import signal
+import stat
 import sys
 import time
 
 import click
 
 from replay.simulate import INJECTIONS
+from replay.trace import STREAM_WINDOW
 from tracer import __version__
 
 EXIT_BAD_INPUT = 2
@@ -149,8 +151,14 @@ def whatif(trace_path: str, slot_spec: str, as_json: bool) -> None:
 @click.option("--perfetto", is_flag=True, help="Chrome/Perfetto trace-event JSON (ui.perfetto.dev, chrome://tracing).")
 @click.option("-o", "--output", required=True, metavar="FILE", help="File to write; - for stdout.")
 @click.option("--check/--no-check", default=True, show_default=True,
-              help="Replay the trace through the reference model and mark its first divergence.")
-def export(trace_path: str, perfetto: bool, output: str, check: bool) -> None:
+              help="Replay the trace through the reference model and mark its first divergence. The checker "
+                   "needs the whole trace in memory; --no-check streams it, in memory that does not grow "
+                   "with the trace's length.")
+@click.option("--reorder-window", "window", type=click.IntRange(min=0), default=STREAM_WINDOW, show_default=True,
+              metavar="EVENTS",
+              help="With --no-check: how many events are held to put the trace back in time order (a recorder "
+                   "writes each CPU's events in turn). A trace further out of order is refused.")
+def export(trace_path: str, perfetto: bool, output: str, check: bool, window: int) -> None:
     """Export a trace as a timeline for Perfetto.
 
     Per profile a process: a track per slot (the key it holds, and nested, when it is
@@ -174,25 +182,62 @@ def export(trace_path: str, perfetto: bool, output: str, check: bool) -> None:
 
     if not perfetto:
         raise click.UsageError("name the format: --perfetto (the only one)")
+    if not check:  # streamed: read, put in time order and written a window of events at a time
+        _export_streamed(trace_path, output, window)
+        return
     trace = _read_trace(trace_path)  # (the whole trace: the reader sorts it by time)
     _not_the_trace(output, trace_path, "export")
-    divergence, verdict = None, None
-    if check:
-        with _Progress(None, trace_path) as progress:
-            result = checker.check(trace, progress=progress.advance, on_total=progress.total)
-        verdict, d = result.verdict, result.divergence
-        if d is not None:  # placed and worded as `replay` reports it
-            first, last = d.op.call or d.op.ret, d.op.ret or d.op.call
-            divergence = (last.t, d.profile, f"{describe_op(d.op)} (line {first.line}-{last.line}, cpu {d.op.cpu}, "
-                                             f"tid {d.op.tid}): {d.reason}")
+    divergence = None
+    with _Progress(None, trace_path) as progress:
+        result = checker.check(trace, progress=progress.advance, on_total=progress.total)
+    d = result.divergence
+    if d is not None:  # placed and worded as `replay` reports it
+        first, last = d.op.call or d.op.ret, d.op.ret or d.op.call
+        divergence = (last.t, d.profile, f"{describe_op(d.op)} (line {first.line}-{last.line}, cpu {d.op.cpu}, "
+                                         f"tid {d.op.tid}): {d.reason}")
     name = "stdout" if output == "-" else output
     with _output(output) as out:
         counts = to_perfetto(trace.header, trace.events, out, divergence)
-    summary = (f"{name}: {counts['slices']:,} slices, {counts['instants']:,} instants, "
-               f"{counts['counters']:,} counter values, {counts['profiles']} profile(s)")
-    if verdict is not None:
-        summary += f"; {verdict.name}" + (f", first divergence marked at line {last.line}" if divergence else "")
-    click.echo(summary, err=True)
+    click.echo(_summary(name, counts) + f"; {result.verdict.name}"
+               + (f", first divergence marked at line {last.line}" if divergence else ""), err=True)
+
+
+def _summary(name: str, counts: dict[str, int]) -> str:
+    return (f"{name}: {counts['slices']:,} slices, {counts['instants']:,} instants, "
+            f"{counts['counters']:,} counter values, {counts['profiles']} profile(s)")
+
+
+def _export_streamed(trace_path: str, output: str, window: int) -> None:
+    """export --no-check: the trace streamed through the exporter (replay/trace.py stream_trace),
+    so memory holds the reorder window and the open intervals, whatever the trace's length. Bad
+    input found part-way is one line and exit 2, as before a byte is written, and the output
+    file written so far is removed (stdout cannot be taken back)."""
+    from replay.perfetto import export as to_perfetto
+    from replay.trace import TraceFormatError, TraceOrderError, stream_trace
+
+    try:
+        stream = stream_trace(trace_path, window)
+    except TraceFormatError as e:
+        _fail_bad_input(str(e))
+    _not_the_trace(output, trace_path, "export")
+    failed = None
+    with _output(output) as out:
+        try:
+            counts = to_perfetto(stream.header, stream.events, out)
+        except TraceFormatError as e:
+            failed = e
+    if failed is not None:
+        if output != "-":
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.stat(output).st_mode):
+                    os.unlink(output)
+        message = str(failed)
+        if isinstance(failed, TraceOrderError):
+            message += ": export it with a larger --reorder-window, or without --no-check (reads the whole trace)"
+        _fail_bad_input(message)
+    for note in stream.notes:
+        click.echo(f"keyslot-trace: {note}", err=True)
+    click.echo(_summary("stdout" if output == "-" else output, counts), err=True)
 
 
 @cli.command("report")
