@@ -149,6 +149,8 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
             for stack in open_ops.values():
                 for rec in stack:
                     rec.incomplete = True
+            for k in list(stray):  # a return after the loss cannot own them: they came before it
+                settle(k)  # (a window reaching back over them still excuses them: checker)
             last_marker_t = ev.t  # an operation begun before (in a window: inside it) may show only its end
             continue
         h = hist(ev.profile)

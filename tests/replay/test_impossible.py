@@ -27,6 +27,7 @@ REASON_WORDS = {
     "evict-calls-program": "evict called the driver's program",
     "put-calls-program": "inside a put",
     "callback-outside-any-operation": "outside any get, evict or reprogram_all",
+    "callback-then-later-loss": "outside any get, evict or reprogram_all",
     "put-return-missing": "was never seen",
     "get-return-without-call": "has no call",
     "get-call-lost-with-its-program": "has no call",
