@@ -25,8 +25,8 @@ from replay.trace import Header
 from tracer import __version__
 from tracer.decode import Decoder
 from tracer.tui.kernel_counts import KernelCounts
-from tracer.probes import (GENERATIONS, TRACEFS_DIRS, Attachment, KernelSymbols, ProbeError, detect_generation,
-                           detect_semantics, plan)
+from tracer.probes import (FALLBACK_SYMBOLS, GENERATIONS, TRACEFS_DIRS, Attachment, KernelSymbols, ProbeError,
+                           detect_generation, detect_semantics, plan)
 
 PERF_PAGES = 256  # per CPU: 1 MiB of buffer each, for bursts of I/O
 
@@ -112,11 +112,19 @@ def ebpf_text(setup: Setup, aggregate: bool = False) -> str:
     neither root nor bcc, but without root the kernel hides some of what decides it."""
     lines = [f"// {setup.generation} API, {setup.probe_type} probes"
              + (" (kprobes if fentry does not load)" if setup.probe_type == "fentry" and setup.kprobe_fallback else ""),
-             f"// cflags: {' '.join(compile_flags(setup, aggregate))}"]
+             f"// cflags: {' '.join(map(_redacted, compile_flags(setup, aggregate)))}"]
     if os.geteuid() != 0:
         lines.append("// not root: /proc/kallsyms hides addresses (so KS_FALLBACK_SYM is 0) and tracefs is unreadable "
                      "(so every function counts as traceable); as root it may differ")
     return "\n".join(lines) + "\n" + bpf_source(setup)
+
+
+def _redacted(flag: str) -> str:
+    """--ebpf output is meant to be shared, and a kernel address would undo KASLR: the
+    fallback profile's address is named, not printed (Recorder.attach gets the real one)."""
+    name, _, value = flag.partition("=")
+    return f"{name}=<{'/'.join(FALLBACK_SYMBOLS)} in /proc/kallsyms>" if name == "-DKS_FALLBACK_SYM" \
+        and int(value.removesuffix("ULL"), 0) else flag
 
 
 def describe(attachments: list[Attachment]) -> list[str]:
