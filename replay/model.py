@@ -90,6 +90,13 @@ _BLK_STS_NAMES = ("OK", "NOTSUPP", "TIMEOUT", "NOSPC", "TRANSPORT", "TARGET", "N
                   "RESOURCE", "IOERR", "DM_REQUEUE", "AGAIN", "DEV_RESOURCE")
 
 
+def evict_empties_slot(result: int | None, flavour: str) -> bool:
+    """Does an evict that found its key leave the slot empty? On success, always; on
+    mainline-unlink kernels (6.4+ and the May-2023 backports) also when it fails, since
+    the kernel unlinks the key anyway (rule 7). For views built from events (top, export)."""
+    return result == 0 or flavour == "mainline-unlink"
+
+
 def errno_name(err: int | None) -> str:
     """'-EBUSY (-16)': the name a kernel engineer greps for, the number the trace holds."""
     name = errno.errorcode.get(-err) if err is not None and err < 0 else None

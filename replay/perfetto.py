@@ -47,7 +47,7 @@ import orjson
 
 from probes.events import EventKind as K
 from replay.history import thread_key
-from replay.model import errno_name, status_name
+from replay.model import errno_name, evict_empties_slot, status_name
 from replay.trace import Event, Header
 
 GLOBAL_PID = 0  # global instants (lost events) are not any profile's
@@ -114,7 +114,6 @@ class _Exporter:
         self.counts = {"events": 0, "slices": 0, "instants": 0, "counters": 0, "metadata": 0, "unfinished": 0}
         self.profiles: dict[str, _Profile] = {}
         self.t, self.started = 0, False
-        self.unlink_on_error = header.semantics == "mainline-unlink"  # a failed evict still empties the slot
         self.flavour = header.semantics  # what a get's status is: blk_status_t, or -errno on android
         self.ids = itertools.count(1)  # pids and tids
         info = {k: getattr(header, k) for k in ("kernel", "api", "semantics", "tool", "host", "start_time", "clock")}
@@ -312,7 +311,7 @@ class _Exporter:
         elif ev.kind is K.evict_return:
             name = "evict" if ev.result == 0 else f"evict failed {errno_name(ev.result)}"
             self.instant(p, ev.t, name, {"key": ev.key, "result": ev.result})
-            if ev.key in p.where and (ev.result == 0 or self.unlink_on_error):
+            if ev.key in p.where and evict_empties_slot(ev.result, self.flavour):
                 self.set_key(p, p.where[ev.key], None, ev.t)
 
     def callback_call(self, p: _Profile, ev: Event, name: str) -> None:

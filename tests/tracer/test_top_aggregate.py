@@ -113,6 +113,15 @@ def test_busy_evict_is_an_error_and_a_successful_one_empties_the_slot():
     assert p.slots[0].key is None and p.slots[0].state == "empty"
 
 
+def test_a_busy_evict_unlinks_the_key_where_the_kernel_does():
+    """6.4+ (mainline-unlink) unlinks the key even when evict fails; older kernels keep it."""
+    recs = [init(1)] + get(10, 101, "kA", 0, program=(0, 0, 5))
+    recs += [ev(30, 7, "evict_call", key="kA"), ev(31, 7, "evict_return", key="kA", result=-16)]
+    for semantics, key in (("mainline-unlink", None), ("mainline-keep", "kA")):
+        p = only(aggregate(recs, header=Header(kernel="6.1.0", api="blk_crypto", semantics=semantics)))
+        assert p.slots[0].key == key and p.slots[0].refs == 1 and p.counts.errors == 1, semantics
+
+
 def test_passthrough_counts_gets_and_evicts_only():
     recs = [init(0)] + get(10, 101, "kA", None) + get(20, 102, "kB", None)
     recs += [ev(30, 7, "evict_call", key="kA"), ev(31, 7, "drv_evict_call", key="kA", slot=-1),

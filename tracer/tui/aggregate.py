@@ -6,7 +6,8 @@ reference model predicts (comparing the two is --check's job):
 
 * **slot contents**: set by ``program_return`` (result 0) and confirmed by a
   successful ``get_return``; cleared by ``drv_evict_return`` (result 0) and
-  ``evict_return`` (result 0). A key programmed into one slot leaves any other.
+  ``evict_return`` (result 0, or any result on mainline-unlink kernels, which unlink
+  the key even when the evict fails). A key programmed into one slot leaves any other.
 * **refcount**: +1 per get that got a slot (a hit at its ``get_return``, a miss
   at its ``program_call``, undone if the program fails), -1 per ``put_return``.
   For profiles the trace attached to mid-stream and after lost events the
@@ -52,6 +53,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from probes.events import COMM_LEN, HIST_BUCKETS, EventKind  # HIST_BUCKETS: bucket b counts [2**(b-1), 2**b) ns
+from replay.model import evict_empties_slot
 from replay.trace import Event, Header
 
 UNOBSERVED = "?"  # key of a slot whose content the trace has not shown yet
@@ -444,7 +446,7 @@ class Aggregator:
         if self.proc_filter is None:  # no process's
             p.counts.evicts += 1
             p.counts.errors += ev.result != 0
-        if ev.result == 0 and ev.key in p.where:
+        if ev.key in p.where and evict_empties_slot(ev.result, self.header.semantics):
             self._set_key(p, p.where[ev.key], None)
 
     def _reprogram_return(self, ev: Event) -> None:
