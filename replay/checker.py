@@ -311,6 +311,8 @@ def _earlier(h: ProfileHistory, rec: OpRecord, inflight: dict, state: model.Stat
     the slot overlap, every one that may have come last is named; where one may have acted
     on a slot its events do not name (a busy evict, an operation with lost events), nothing
     is said about that slot."""
+    if not slots:  # an impossible event, or nothing rested on a slot: no history to walk
+        return []
     done: list[tuple[OpRecord, int]] = []  # returned before it: (operation, its return time)
     from_init = False  # the window starts at the profile's init: every refcount is exact from 0
     for t, _order, kind, payload in h.points:
@@ -324,12 +326,13 @@ def _earlier(h: ProfileHistory, rec: OpRecord, inflight: dict, state: model.Stat
     pending = [r for r in inflight.values() if r is not rec]  # in flight: may come before it
     # A busy evict names no slot but acts on its key's. Since the init every key in a slot was
     # put there by a get: if every get of the key that may have come before it got one slot, that is it.
+    candidates = [r for r, _ in done] + pending
     got: dict[str, set[tuple[int, int]]] = {}  # key -> (call time, slot) of its gets that got a slot
-    for r in [r for r, _ in done] + pending:
+    for r in candidates:
         if r.kind == "get" and r.op.status == 0 and r.op.slot is not None:
             got.setdefault(r.op.key, set()).add((r.call_t, r.op.slot))
     named: dict[int, set[int] | None] = {}
-    for r in [r for r, _ in done] + pending:
+    for r in candidates:
         n = named[r.id] = _slots_named(r)
         if n is None and from_init and r.kind == "evict" and not r.incomplete:
             where = {s for c, s in got.get(r.op.key, ()) if c <= r.ret.t}
