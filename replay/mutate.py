@@ -37,15 +37,20 @@ def dump_records(header: dict, records: list[dict[str, Any]]) -> bytes:
     return b"".join(orjson.dumps(r) + b"\n" for r in [header, *records])
 
 
-def mutate(header: dict, records: list[dict[str, Any]], kind: str, rng: random.Random) -> Mutation:
-    """Mutate ``records`` in place; returns what was changed. Raises LookupError if nothing fits."""
+def mutate(header: dict, records: list[dict[str, Any]], kind: str, rng: random.Random, after: int = 0) -> Mutation:
+    """Mutate ``records`` in place; returns what was changed. Raises LookupError if nothing fits.
+
+    Only operations whose call is at index ``after`` or later are mutated: past a loss,
+    where the checker judges strictly again (an operation overlapping a loss may have lost
+    events of its own, and is judged leniently)."""
     # profiles attached mid-stream too: their slots' contents are unknown, but a wrong
     # slot or evict result still contradicts the callbacks the kernel made
     slots = {r["p"]: r["num_slots"] for r in records if r["ev"] in ("profile_init", "profile_attach")}
     slots.update({p["id"]: p["num_slots"] for p in header.get("profiles", ())})
     if kind == "slot":
         cands = [i for i, r in enumerate(records)
-                 if r["ev"] == "get_return" and r.get("slot") is not None and slots.get(r["p"], 0) > 0]
+                 if r["ev"] == "get_return" and r.get("slot") is not None and slots.get(r["p"], 0) > 0
+                 and _call_index(records, i, "get_call") >= after]
         i = rng.choice(_need(cands, kind))
         r = records[i]
         old = r["slot"]
@@ -57,7 +62,7 @@ def mutate(header: dict, records: list[dict[str, Any]], kind: str, rng: random.R
         # still in use (reprogram_all programs slots in use, so its programs do not count)
         misses = _miss_programs(records)
         reused = [i for i, r in enumerate(records)
-                  if r["ev"] == "put_call" and r.get("slot") is not None
+                  if i >= after and r["ev"] == "put_call" and r.get("slot") is not None
                   and any(j > i for j in misses.get((r["p"], r["slot"]), ()))]
         i = rng.choice(_need(reused, kind))
         call = records[i]
@@ -68,7 +73,7 @@ def mutate(header: dict, records: list[dict[str, Any]], kind: str, rng: random.R
     if kind == "evict-result":
         cands = [i for i, r in enumerate(records)
                  if r["ev"] == "evict_return" and r["result"] in (0, -16) and slots.get(r["p"], 0) > 0
-                 and _evict_was_cached(records, i)]
+                 and _evict_was_cached(records, i) and _call_index(records, i, "evict_call") >= after]
         i = rng.choice(_need(cands, kind))
         r = records[i]
         old = r["result"]
@@ -104,6 +109,13 @@ def _evict_was_cached(records: list[dict], i: int) -> bool:
             if r["ev"] == "evict_call":
                 return False
     return False
+
+
+def _call_index(records: list[dict], i: int, call: str) -> int:
+    """Index of the call of the operation whose return is records[i] (-1 if not in the trace)."""
+    ret = records[i]
+    return next((j for j in range(i - 1, -1, -1)
+                 if records[j]["ev"] == call and records[j]["tid"] == ret["tid"] and records[j]["p"] == ret["p"]), -1)
 
 
 def _need(cands: list[int], kind: str) -> list[int]:

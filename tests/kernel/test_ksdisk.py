@@ -221,10 +221,21 @@ def test_each_scenario_agrees_and_its_mutations_diverge(recording, name, kind):
     data = complete_scenario_trace(recording, name)
     assert check(parse_trace(data)).verdict is Verdict.AGREE
     header, records = load_records(data)
-    m = mutate(header, records, kind, random.Random(11))
+    after_loss = False
+    try:
+        m = mutate(header, records, kind, random.Random(11))
+    except LookupError:
+        # A probe hit the kernel skipped cut the complete part short of what this mutation
+        # needs (5.10 has one recorder; deep-queue's evicts come last): mutate the whole
+        # scenario past its last loss, where the checker judges strictly again.
+        header, records = load_records(scenario_trace(recording, name))
+        last_loss = max(i for i, r in enumerate(records) if r["ev"] == "lost")
+        m, after_loss = mutate(header, records, kind, random.Random(11), after=last_loss + 1), True
     r = check(parse_trace(dump_records(header, records)))
     assert r.verdict is Verdict.DIVERGED, m.description
     if kind == "drop-put":
         assert f"slot {m.slot}" in r.divergence.reason + " ".join(r.divergence.state_before)
+    elif after_loss:  # the state is learnt again after a loss: the contradiction may show at a later get
+        assert r.divergence.op.ret.line >= m.line, (m.description, r.divergence.reason)
     else:
         assert r.divergence.op.ret.line == m.line, (m.description, r.divergence.reason)
