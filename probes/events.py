@@ -16,7 +16,8 @@ from importlib import resources
 HEADER_NAME = "keyslot_events.h"
 NO_SLOT = -1
 NAME_LEN = 32
-COMM_LEN = 16  # KS_COMM_LEN: TASK_COMM_LEN, NUL included, so a comm has at most 15 characters
+COMM_LEN = 16  # KS_COMM_LEN: TASK_COMM_LEN, NUL included
+MAX_COMM = COMM_LEN - 1  # so a comm has at most 15 bytes
 PROFILE_IS_FALLBACK = 1
 AUX_FALLBACK_SHIFT = 32  # KS_AUX_FALLBACK_SHIFT: aux = num_slots | is_fallback << 32
 HIST_BUCKETS = 40  # KS_HIST_BUCKETS: log2 buckets of nanoseconds

@@ -575,11 +575,6 @@ class Alternative(NamedTuple):
     programs: tuple[tuple[int, object], ...] | None = None  # reprogram: (slot, key) in order
 
 
-def allowed(state: State, op: Op, flavour: str) -> list[str]:
-    """What the model would accept for this operation's input, in words."""
-    return [a.text for a in alternatives(state, op, flavour)]
-
-
 def alternatives(state: State, op: Op, flavour: str) -> list[Alternative]:
     """What the model would accept for this operation's input."""
     n = state.num_slots

@@ -403,7 +403,7 @@ def _thread_name(ev: Event, procs: list[tuple]) -> str:
 
 
 class Slices(_Exporter):
-    """The same intervals, handed over as they close instead of written as JSON (replay/html.py
+    """The same intervals, handed over as they close instead of written as JSON (tracer/htmlreport.py
     draws its slot timeline and operations from them, so both show what the export shows):
     ``on_slice(owner, name, cat, start_ns, end_ns, args)``, owner as in _Track."""
 

@@ -20,7 +20,7 @@ from typing import IO, Any, NamedTuple
 
 import orjson
 
-from probes.events import COMM_LEN, NO_SLOT, EventKind
+from probes.events import MAX_COMM, NO_SLOT, EventKind
 
 FORMAT_NAME = "keyslot-trace"
 FORMAT_VERSION = "1.0"
@@ -30,8 +30,6 @@ MAJOR_VERSION = 1
 API_GENERATIONS = ("blk_crypto", "blk_ksm", "keyslot_manager")
 #: Semantics flavours: which reference model applies (replay/model.py).
 SEMANTICS = ("mainline-keep", "mainline-unlink", "android")
-#: A task's comm: TASK_COMM_LEN bytes with the NUL.
-MAX_COMM = COMM_LEN - 1
 
 
 class TraceFormatError(Exception):

@@ -289,7 +289,7 @@ def render(d: Demand, outcomes: list[Outcome], console) -> None:
     for o in outcomes:
         bar = "█" * round(o.hit_pct / 5) or ("▏" if o.hits else "")
         table.add_row(f"{o.slots}{' ◀' if o.recorded else '  '}", f"{o.programs:,}", f"{o.hit_pct:.1f}",
-                      f"{o.waits:,}", _duration(o.wait_ns), bar, style="bold" if o.recorded else None)
+                      f"{o.waits:,}", duration(o.wait_ns), bar, style="bold" if o.recorded else None)
     console.print(table)
 
 
@@ -299,7 +299,7 @@ def footnote(console) -> None:
                   "trace's gets, keys and hold times replayed with that many slots under the same LRU rules.")
 
 
-def _duration(ns: int) -> str:
+def duration(ns: int) -> str:
     if ns == 0:
         return "0"
     for unit, scale in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):

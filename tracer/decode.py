@@ -11,7 +11,7 @@ import hashlib
 import os
 from typing import Any, Callable
 
-from probes.events import AUX_FALLBACK_SHIFT, COMM_LEN, NO_SLOT, PROFILE_IS_FALLBACK, EventKind, RawEvent
+from probes.events import AUX_FALLBACK_SHIFT, MAX_COMM, NO_SLOT, PROFILE_IS_FALLBACK, EventKind, RawEvent
 
 FALLBACK_DEVICE = "blk-crypto-fallback"
 
@@ -117,9 +117,9 @@ class Decoder:
             fields["result"] = e.result
         elif kind is EventKind.get_call:
             # whose get: the process (tgid) and the task's comm, on get_call only (trace size).
-            # A comm is the task's own name, not a secret; at most COMM_LEN - 1 bytes.
+            # A comm is the task's own name, not a secret; at most MAX_COMM bytes.
             fields["pid"] = e.tgid
-            fields["comm"] = e.name[:COMM_LEN - 1].decode(errors="replace")
+            fields["comm"] = e.name[:MAX_COMM].decode(errors="replace")
         self._write(e, kind, pid, **fields)
 
     def lost(self, cpu: int, count: int, start_t: int, at: int | None = None, since: int | None = None,

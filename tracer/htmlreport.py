@@ -35,7 +35,7 @@ from replay.model import errno_name, status_name
 from replay.perfetto import Slices
 from replay.report import EARLIER_HEADING, describe_event, describe_op, earlier_lines, observed, unknown_reason
 from replay.trace import Trace
-from replay.whatif import _duration as duration
+from replay.whatif import duration
 from tracer.tui.aggregate import Aggregator, ProfileView
 
 COLUMNS = 1000  # timeline columns: one pixel each

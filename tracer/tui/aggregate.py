@@ -52,7 +52,7 @@ import operator
 from collections import deque
 from dataclasses import dataclass, field
 
-from probes.events import COMM_LEN, HIST_BUCKETS, EventKind  # HIST_BUCKETS: bucket b counts [2**(b-1), 2**b) ns
+from probes.events import HIST_BUCKETS, MAX_COMM, EventKind  # HIST_BUCKETS: bucket b counts [2**(b-1), 2**b) ns
 from replay.model import evict_empties_slot
 from replay.trace import Event, Header
 
@@ -96,7 +96,8 @@ class ProcFilter:
 
     def __post_init__(self):
         if self.comm is not None:
-            object.__setattr__(self, "comm", self.comm[:COMM_LEN - 1])
+            # in bytes, as the kernel cuts a comm, decoded as the decoder does
+            object.__setattr__(self, "comm", self.comm.encode()[:MAX_COMM].decode(errors="replace"))
 
     def matches(self, pid: int | None, comm: str | None) -> bool:
         return (self.pid is None or pid == self.pid) and (self.comm is None or comm == self.comm)
