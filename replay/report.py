@@ -69,7 +69,7 @@ def observed(rec: OpRecord, flavour: str = "mainline-unlink") -> str:
     return "put"
 
 
-def _lines(rec: OpRecord) -> str:
+def where(rec: OpRecord) -> str:
     """'line 235-238, cpu 3, tid 1003': where an operation is in the trace."""
     first = rec.call or rec.ret
     lines = f"line {first.line}-{rec.line}" if rec.call and rec.ret and rec.call is not rec.ret else f"line {rec.line}"
@@ -78,17 +78,17 @@ def _lines(rec: OpRecord) -> str:
 
 def slot_history(h: SlotHistory) -> str:
     """The last operation on a slot, in words, saying so where it is not certain which."""
-    done = " or ".join(f"{describe_op(r)} ({_lines(r)})" for r in h.last)
+    done = " or ".join(f"{describe_op(r)} ({where(r)})" for r in h.last)
     if len(h.last) > 1:
         done += " (they overlap: any of them may have come last)"
     if h.in_flight:
         done += ("; or, if it came first, " if done else "") + " or ".join(
-            f"{describe_op(r)} ({_lines(r)})" for r in h.in_flight) + ", in flight"
+            f"{describe_op(r)} ({where(r)})" for r in h.in_flight) + ", in flight"
     if h.since and h.since == h.last:
         done += f", since then {h.use}"
     elif h.since:
         done += f"; {h.use} since " + " or ".join(
-            f"{describe_op(r)} ({_lines(r)})" for r in h.since)
+            f"{describe_op(r)} ({where(r)})" for r in h.since)
     return done
 
 
@@ -153,7 +153,7 @@ def _render_divergence(d: Divergence, console: Console, flavour: str) -> None:
     rec = d.op
     console.print()
     console.print(Text(f"First operation the model cannot explain: {describe_op(rec)}", style="bold"),
-                  f"({_lines(rec)})")
+                  f"({where(rec)})")
     console.print(Text("  ") + Text(d.reason, style="red"))
     console.print(f"  observed:      {observed(rec, flavour)}")
     console.print(f"  model allows:  {'; '.join(d.allowed)}")

@@ -178,7 +178,7 @@ def export(trace_path: str, perfetto: bool, output: str, check: bool, window: in
     """
     from replay import checker
     from replay.perfetto import export as to_perfetto
-    from replay.report import describe_op
+    from replay.report import describe_op, where
 
     if not perfetto:
         raise click.UsageError("name the format: --perfetto (the only one)")
@@ -192,9 +192,8 @@ def export(trace_path: str, perfetto: bool, output: str, check: bool, window: in
         result = checker.check(trace, progress=progress.advance, on_total=progress.total)
     d = result.divergence
     if d is not None:  # placed and worded as `replay` reports it
-        first, last = d.op.call or d.op.ret, d.op.ret or d.op.call
-        divergence = (last.t, d.profile, f"{describe_op(d.op)} (line {first.line}-{last.line}, cpu {d.op.cpu}, "
-                                         f"tid {d.op.tid}): {d.reason}")
+        last = d.op.ret or d.op.call
+        divergence = (last.t, d.profile, f"{describe_op(d.op)} ({where(d.op)}): {d.reason}")
     name = "stdout" if output == "-" else output
     with _output(output) as out:
         counts = to_perfetto(trace.header, trace.events, out, divergence)

@@ -33,7 +33,7 @@ from replay.checker import Divergence, Result
 from replay.history import thread_key
 from replay.model import errno_name, status_name
 from replay.perfetto import Slices
-from replay.report import EARLIER_HEADING, describe_event, describe_op, earlier_lines, observed, unknown_reason
+from replay.report import EARLIER_HEADING, describe_event, describe_op, earlier_lines, observed, unknown_reason, where
 from replay.trace import Trace
 from replay.whatif import duration
 from tracer.tui.aggregate import Aggregator, ProfileView
@@ -140,9 +140,8 @@ def _summary(profiles, verdicts, lost: int) -> str:
 
 def _divergence(d: Divergence, slices: _Collector, n: int, flavour: str) -> str:
     rec = d.op
-    first = rec.call or rec.ret
     out = [f'<section id="divergence"><h2>First operation the model cannot explain: {e(describe_op(rec))}</h2>\n'
-           f"<p>profile {e(d.profile)}, line {first.line}-{rec.line}, cpu {rec.cpu}, tid {rec.tid}</p>\n"
+           f"<p>profile {e(d.profile)}, {e(where(rec))}</p>\n"
            f'<p class="reason">{e(d.reason)}</p>\n<table class="facts">'
            f"<tr><th>observed</th><td>{e(observed(rec, flavour))}</td></tr>"
            f"<tr><th>model allows</th><td>{e('; '.join(d.allowed))}</td></tr></table>\n"]
