@@ -160,11 +160,7 @@ def _span(snap: Snapshot) -> str:
 def busiest_processes(snap: Snapshot, profiles: list[ProfileView]) -> list[tuple[str, Counts]]:
     """(comm:pid, counts in the rate window) summed over ``profiles``, busiest first."""
     ids = {p.id for p in profiles}
-    procs: dict[str, Counts] = {}
-    for v in snap.processes:
-        if v.profile in ids:
-            procs[v.label] = procs.get(v.label, Counts()) + v.window
-    return sorted(procs.items(), key=lambda kv: (-kv[1].gets, -kv[1].misses, kv[0]))
+    return _by_process({(v.profile, v.pid, v.comm): v.window for v in snap.processes if v.profile in ids})
 
 
 def _procs_table(snap: Snapshot, shown: list[ProfileView], rows: int, span: str) -> Table:
