@@ -22,6 +22,7 @@ from replay.perfetto import export
 from replay.trace import (STREAM_WINDOW, Header, TraceFormatError, TraceOrderError, dumps_events, read_trace,
                           stream_trace)
 from tests.conftest import ROOT, sim_bytes
+from tests.replay.test_trace import damaged
 from tracer.cli import cli
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.ndjson"))
@@ -192,18 +193,7 @@ VALID = sim_bytes(threads=3, slots=2, keys=5, requests=60, evict_rate=0.1, passt
 @given(st.data())
 def test_fuzz_mutated_traces_read_the_same(tmp_path, data):
     """Flip, cut, splice, reorder: the same events or the same error, compressed or not."""
-    raw = bytearray(as_record_writes(VALID, data.draw(st.integers(0, 9))))
-    for _ in range(data.draw(st.integers(0, 4))):
-        op = data.draw(st.sampled_from(["flip", "cut", "dup"]))
-        i = data.draw(st.integers(0, len(raw) - 1))
-        if op == "flip":
-            raw[i] = data.draw(st.integers(0, 255))
-        elif op == "cut":
-            del raw[i:i + data.draw(st.integers(1, 80))]
-        else:
-            j = data.draw(st.integers(0, len(raw) - 1))
-            raw[j:j] = raw[i:i + 60]
-    raw = bytes(raw)
+    raw = bytes(damaged(as_record_writes(VALID, data.draw(st.integers(0, 9))), data))
     if data.draw(st.booleans()):
         raw = gzip.compress(raw)
     path = write(tmp_path, raw)

@@ -129,12 +129,10 @@ def test_fuzz_random_bytes(data):
         assert "\n" not in str(e)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.data())
-def test_fuzz_mutated_valid_trace(data):
-    """Flip, cut or splice bytes of a valid trace: either a clean error, or a trace the checker can judge."""
-    raw = bytearray(VALID)
-    for _ in range(data.draw(st.integers(1, 4))):
+def damaged(raw: bytes, data, at_least: int = 0) -> bytearray:
+    """Up to four byte-level damages drawn by hypothesis: a flipped byte, a cut, a splice."""
+    raw = bytearray(raw)
+    for _ in range(data.draw(st.integers(at_least, 4))):
         op = data.draw(st.sampled_from(["flip", "cut", "dup"]))
         i = data.draw(st.integers(0, len(raw) - 1))
         if op == "flip":
@@ -144,6 +142,14 @@ def test_fuzz_mutated_valid_trace(data):
         else:
             j = data.draw(st.integers(0, len(raw) - 1))
             raw[j:j] = raw[i:i + 60]
+    return raw
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_valid_trace(data):
+    """Flip, cut or splice bytes of a valid trace: either a clean error, or a trace the checker can judge."""
+    raw = damaged(VALID, data, at_least=1)
     try:
         trace = parse_trace(bytes(raw))
     except TraceFormatError as e:
