@@ -270,38 +270,17 @@ def read_trace(path: str | os.PathLike) -> Trace:
     (known by its magic bytes, so a pipe works too). Events are returned sorted by time."""
     path = os.fspath(path)
     name = "<stdin>" if path == STDIN else path
+    source = _open(path, name)
     try:
-        if path == STDIN:
-            data = sys.stdin.buffer.read()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
-    except OSError as e:
-        raise TraceFormatError(name, None, e.strerror or str(e)) from None
-    if data[:2] == GZIP_MAGIC:
-        data = _gunzip(data, name)
+        data = b"".join(_chunks(source, name))  # the same reading and gunzip as stream_trace
+    finally:
+        _close(source)
     return parse_trace(data, name)
 
 
 GZIP_MAGIC = b"\x1f\x8b"
 #: How much of the data's start is looked at for NUL bytes (a binary file, not a trace).
 BINARY_PROBE = 4096
-
-
-def _gunzip(data: bytes, path: str) -> bytes:
-    """Every gzip member; a stream cut short (a `record | gzip` killed hard) gives what it
-    holds, whose cut last line parse_trace then reads as a stop with lost events."""
-    out = []
-    while data[:2] == GZIP_MAGIC:
-        d = zlib.decompressobj(wbits=31)
-        try:
-            out.append(d.decompress(data))
-        except zlib.error as e:
-            raise TraceFormatError(path, None, f"damaged gzip data ({e})") from None
-        if not d.eof:
-            break
-        data = d.unused_data
-    return b"".join(out)
 
 
 def parse_trace(data: bytes, path: str = "<trace>") -> Trace:
@@ -445,10 +424,7 @@ def stream_trace(path: str | os.PathLike, window: int = STREAM_WINDOW) -> TraceS
     name = "<stdin>" if path == STDIN else path
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
-    try:
-        source = sys.stdin.buffer if path == STDIN else open(path, "rb")
-    except OSError as e:
-        raise TraceFormatError(name, None, e.strerror or str(e)) from None
+    source = _open(path, name)
     tail = _Tail()
     items = _parse_lines(name, _split_lines(_chunks(source, name), tail, name), tail)
     try:
@@ -459,6 +435,13 @@ def stream_trace(path: str | os.PathLike, window: int = STREAM_WINDOW) -> TraceS
     stream = TraceStream(name, header, iter(()))
     stream.events = _in_time_order(name, items, window, stream.notes, source)
     return stream
+
+
+def _open(path: str, name: str) -> IO[bytes]:
+    try:
+        return sys.stdin.buffer if path == STDIN else open(path, "rb")
+    except OSError as e:
+        raise TraceFormatError(name, None, e.strerror or str(e)) from None
 
 
 def _close(source: IO[bytes]) -> None:
@@ -495,7 +478,7 @@ def _read_chunks(source: IO[bytes], path: str) -> Iterator[bytes]:
 
 
 def _gunzip_chunks(data: bytes, raw: Iterator[bytes], path: str) -> Iterator[bytes]:
-    """_gunzip a chunk at a time: every member, and what a member cut short holds (no more
+    """gunzip a chunk at a time: every member, and what a member cut short holds (no more
     than CHUNK bytes out at a time, so a well-compressed chunk does not take memory either)."""
     while True:
         for more in raw if len(data) < 2 else ():
@@ -503,7 +486,7 @@ def _gunzip_chunks(data: bytes, raw: Iterator[bytes], path: str) -> Iterator[byt
             if len(data) >= 2:
                 break
         if data[:2] != GZIP_MAGIC:
-            return  # (anything after the last member is not a member: _gunzip stops there too)
+            return  # (anything after the last member is not a member)
         d = zlib.decompressobj(wbits=31)
         while not d.eof:
             try:
