@@ -416,8 +416,11 @@ EXIT_CANNOT_TRACE = 1
 @click.option("--ebpf", is_flag=True,
               help="Print the BPF program this kernel would get, with its compiler flags, and exit "
                    "(needs neither root nor bcc).")
+@click.option("--tracefs", "use_tracefs", is_flag=True,
+              help="Record through tracefs kprobe events instead of bcc (the `tracefs-script` script, run "
+                   "here, then imported): for a host without bcc.")
 def record(output: str | None, duration: float | None, disk: str | None, probe_type: str, semantics: str | None,
-           ebpf: bool) -> None:
+           ebpf: bool, use_tracefs: bool) -> None:
     """Record the kernel's keyslot-manager events into a trace (root, bcc).
 
     Probes are chosen from /proc/kallsyms and tracefs for this kernel's API
@@ -446,6 +449,11 @@ def record(output: str | None, duration: float | None, disk: str | None, probe_t
         return
     if output is None:
         raise click.UsageError("Missing option '-o' / '--output'.")
+    if use_tracefs:
+        if disk or probe_type != "auto":
+            raise click.UsageError("--tracefs records every profile with kprobe events: no -d, no --probe-type.")
+        _record_tracefs(output, duration, semantics)
+        return
     try:
         check_privileges()
         setup = prepare(semantics=semantics, probe_type=probe_type)
@@ -471,6 +479,147 @@ def record(output: str | None, duration: float | None, disk: str | None, probe_t
         sys.exit(EXIT_CANNOT_TRACE)
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no events"
     click.echo(f"recorded {summary}", err=True)
+
+
+def _record_tracefs(output: str, duration: float | None, semantics: str | None) -> None:
+    """Run the capture script here, then import its capture: the capture (raw pointers)
+    lives in a private directory and is deleted once imported."""
+    import math
+    import subprocess
+    import tempfile
+
+    from tracer.btf import BTFError
+    from tracer.capture import CaptureError, write_trace
+
+    if os.geteuid() != 0:
+        click.echo("keyslot-trace: record --tracefs needs root (it writes tracefs kprobe_events)", err=True)
+        sys.exit(EXIT_CANNOT_TRACE)
+    with tempfile.TemporaryDirectory(prefix="keyslot-trace-") as private:
+        script_path, capture = os.path.join(private, "capture.sh"), os.path.join(private, "capture.txt")
+        try:
+            text = _tracefs_script_text(None, ())
+        except BTFError as e:
+            click.echo(f"keyslot-trace: {e}", err=True)
+            sys.exit(EXIT_CANNOT_TRACE)
+        with open(script_path, "w") as f:
+            f.write(text)
+        seconds = max(1, math.ceil(duration)) if duration else 0
+        script = subprocess.Popen(["/bin/sh", script_path, "-o", capture, "-d", str(seconds)])
+        # Ctrl-C reaches the script from the terminal; a signal sent to us alone is passed on.
+        # The script's cleanup removes its probes and ignores repeats.
+        old = {s: signal.signal(s, lambda signum, _f: script.send_signal(signum))
+               for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            rc = script.wait()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        if not os.path.exists(capture) or rc not in (0, 129, 130, 143):
+            click.echo(f"keyslot-trace: the tracefs capture script failed (exit {rc})", err=True)
+            sys.exit(EXIT_CANNOT_TRACE)
+        try:
+            with open(output, "wb") as out:
+                imported = write_trace(capture, out, semantics)
+        except CaptureError as e:
+            click.echo(f"keyslot-trace: {e}", err=True)
+            sys.exit(EXIT_CANNOT_TRACE)
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(imported.decoder.counts.items())) or "no events"
+    click.echo(f"recorded {summary}", err=True)
+
+
+def _tracefs_script_text(btf_path: str | None, callbacks: tuple[str, ...]) -> str:
+    """The script, with offsets from ``btf_path``, else this machine's BTF when it
+    describes a keyslot manager, else the built-in table."""
+    from tracer.btf import BTF, SYS_BTF
+    from tracer.tracefs import script
+
+    btf = None
+    if btf_path:
+        btf = BTF.from_file(btf_path)
+    elif os.path.exists(SYS_BTF):
+        local = BTF.from_file(SYS_BTF)
+        if local.has_struct("blk_crypto_profile") or local.has_struct("blk_keyslot_manager"):
+            btf = local
+    return script(btf, callbacks)
+
+
+@cli.command("tracefs-script")
+@click.option("-o", "--output", default="-", show_default=True, metavar="FILE", help="Where to write the script.")
+@click.option("--btf", "btf_path", type=click.Path(dir_okay=False, exists=True), metavar="FILE",
+              help="Struct offsets from this BTF: the target's /sys/kernel/btf/vmlinux (adb pull it) or a "
+                   "vmlinux. Default: this machine's, if it has blk-crypto, else a built-in table of "
+                   "mainline layouts.")
+@click.option("--callback", "callbacks", multiple=True, metavar="[MODULE:]SYMBOL",
+              help="Also probe this driver keyslot_program/keyslot_evict callback (MODULE:SYMBOL: "
+                   "probed when the module loads). Repeatable.")
+def tracefs_script(output: str, btf_path: str | None, callbacks: tuple[str, ...]) -> None:
+    """Print a POSIX sh script that records keyslots through tracefs, without bcc.
+
+    For a phone (Android GKI 5.10+, root shell) or any host with
+    CONFIG_KPROBE_EVENTS and no bcc: it defines kprobes in a group of its
+    own, traces into a trace instance of its own, and removes both on exit
+    (Ctrl-C, SIGTERM, or -d SECONDS). It fetches pointers, slot numbers,
+    num_slots and return values, never key bytes. Its capture holds raw
+    kernel pointers: `keyslot-trace import` replaces them with salted
+    fingerprints; keep the capture private and delete it afterwards.
+
+    \b
+    Example (a phone; the adb hop is untested here):
+      keyslot-trace tracefs-script --btf vmlinux.btf -o capture.sh
+      adb push capture.sh /data/local/tmp/ && adb shell su -c 'sh /data/local/tmp/capture.sh -d 30 -o /data/local/tmp/c.txt'
+      adb pull /data/local/tmp/c.txt && keyslot-trace import c.txt -o trace.ndjson
+    """
+    from tracer.btf import BTFError
+
+    for cb in callbacks:
+        if not all(part.replace("_", "a").replace(".", "a").isalnum() for part in cb.split(":", 1)):
+            raise click.BadParameter(f"{cb!r} is not SYMBOL or MODULE:SYMBOL", param_hint="--callback")
+    try:
+        text = _tracefs_script_text(btf_path, callbacks)
+    except BTFError as e:
+        _fail_bad_input(str(e))
+    with _output(output) as out:
+        out.write(text.encode())
+    if output != "-":
+        os.chmod(output, 0o755)
+
+
+@cli.command("import")
+@click.argument("capture", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, metavar="FILE", help="Trace file to write (format v1); - for stdout.")
+@click.option("--semantics", type=click.Choice(["mainline-keep", "mainline-unlink", "android"]),
+              help="Semantics to write in the header (default: from the capture's kernel symbols).")
+def import_cmd(capture: str, output: str, semantics: str | None) -> None:
+    """Turn a tracefs capture (from `tracefs-script`) into a trace.
+
+    Every kernel pointer becomes a salted fingerprint (a new salt each
+    import). Slots come from the kernel's own values; where the capture
+    cannot say (a driver whose callbacks were not probed, a cut capture,
+    ftrace overruns, kprobe misses) the trace says so with lost markers, so
+    replay answers UNKNOWN, never a guess.
+
+    \b
+    Example:
+      keyslot-trace import capture.txt -o trace.ndjson && keyslot-trace replay trace.ndjson
+    """
+    from tracer.capture import CaptureError, write_trace
+
+    _not_the_trace(output, capture, "trace")
+    try:
+        open(capture, "rb").close()
+    except OSError as e:
+        _fail_bad_input(f"{capture}: {e.strerror or e}")
+    try:
+        with _output(output) as out:
+            imported = write_trace(capture, out, semantics)
+    except CaptureError as e:
+        if output != "-":  # not a trace: leave no half of one behind
+            with contextlib.suppress(OSError):
+                os.unlink(output)
+        _fail_bad_input(str(e))
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(imported.decoder.counts.items())) or "no events"
+    click.echo(f"imported {summary}" + ("" if imported.info.ended else "; the capture has no trailer (cut short)"),
+               err=True)
 
 
 def _print_ebpf(aggregate: bool, **how) -> None:

@@ -50,8 +50,9 @@ class Decoder:
     """
 
     def __init__(self, write: Callable[[dict[str, Any]], None], fingerprint: Fingerprinter | None = None,
-                 only_device: str | None = None):
+                 only_device: str | None = None, with_pid: bool = True):
         self._out = write
+        self.with_pid = with_pid  # tgid is known (BPF); tracefs kprobes cannot fetch it
         self.only_device = only_device
         self._held: dict[int, list[dict[str, Any]]] = {}  # profile -> lines waiting for its device name
         self.fp = fingerprint or Fingerprinter()
@@ -118,7 +119,8 @@ class Decoder:
         elif kind is EventKind.get_call:
             # whose get: the process (tgid) and the task's comm, on get_call only (trace size).
             # A comm is the task's own name, not a secret; at most MAX_COMM bytes.
-            fields["pid"] = e.tgid
+            if self.with_pid:
+                fields["pid"] = e.tgid
             fields["comm"] = e.name[:MAX_COMM].decode(errors="replace")
         self._write(e, kind, pid, **fields)
 

@@ -10,6 +10,11 @@ One recorder per --probe-type (fentry, kprobe or auto), all attached before the 
 scenario starts and stopped after the last, so each sees the same kernel activity
 through its own attach mechanism: trace-TYPE.ndjson and record-TYPE.log.
 
+With --tracefs, the `tracefs-script` capture script also records the same run under
+busybox sh (capture.txt, tracefs.log), and meanwhile further copies of it are started
+and killed at random moments (kill-N.txt, kill-N.log): after each, and after all,
+run.json says which of their kprobes and trace instances were left behind.
+
 Also writes to OUT: <scenario>.json (workload reports), doctor.txt, run.json
 (per-scenario CLOCK_MONOTONIC windows in ns, exit codes, the scenario process's pid
 and comm, how long compiling and attaching took). The host side is tests/kernel/test_e2e.py and test_ksdisk.py.
@@ -20,9 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +57,46 @@ def start_recorder(tool: list[str], out: Path, probe_type: str, env: dict, run: 
     return rec
 
 
+TRACEFS = Path("/sys/kernel/tracing")
+# ksdisk is loaded only by its scenarios: its callbacks are named so that the script
+# probes them whenever the module is loaded (MODULE:SYMBOL)
+KSDISK_CALLBACKS = ["--callback", "ksdisk:ksdisk_keyslot_program", "--callback", "ksdisk:ksdisk_keyslot_evict"]
+
+
+def start_capture(script: Path, capture: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(["busybox", "sh", str(script), "-o", str(capture)], stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"))
+
+
+def leftovers(group: str) -> list[str]:
+    """What a capture script of kprobe group ``group`` left in tracefs."""
+    events = [ln for ln in (TRACEFS / "kprobe_events").read_text().splitlines() if f":{group}/" in ln]
+    instances = [d.name for d in (TRACEFS / "instances").iterdir() if d.name == group]
+    return events + [f"instance {i}" for i in instances]
+
+
+def kill_rounds(script: Path, out: Path, stop: threading.Event, run: dict) -> None:
+    """Start the capture script and kill it at a random moment, again and again until
+    ``stop``: while it defines its probes, while it traces, or before it has begun."""
+    rng = random.Random(run["kill_seed"])
+    setup = run["tracefs"]["attach_seconds"]  # how long a script takes to begin tracing here
+    n = 0
+    while not stop.is_set() and n < 12:
+        sig = rng.choice([signal.SIGINT, signal.SIGTERM])
+        delay = rng.uniform(0.0, 3 * setup)  # a third of them while it sets up, the rest while it traces
+        p = start_capture(script, out / f"kill-{n}.txt", out / f"kill-{n}.log")
+        stop.wait(delay)  # the recording's end cuts it short
+        p.send_signal(sig)
+        try:
+            rc = p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc = "hung"
+        run["kills"].append({"n": n, "signal": sig.name, "after_s": round(delay, 2), "rc": rc,
+                             "left": leftovers(f"kst_{p.pid}")})
+        n += 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -57,6 +104,7 @@ def main() -> int:
     ap.add_argument("--ko", help="ksdisk.ko, for the ksdisk: scenarios")
     ap.add_argument("--probe-type", action="append", choices=["auto", "fentry", "kprobe"],
                     help="one recorder per type (default: auto)")
+    ap.add_argument("--tracefs", action="store_true", help="also capture with the tracefs script (busybox sh)")
     ap.add_argument("--tool", required=True,
                     help="the installed keyslot-trace command (a wheel in a venv: tests/packaging.py)")
     args = ap.parse_args()
@@ -84,6 +132,31 @@ def main() -> int:
     # ksdisk is loaded by each scenario, after record started: record attaches to its
     # callbacks when its profile appears, which takes a moment under emulation.
     # late-attach stops and continues the recorders.
+    capture = killer = None
+    stop_killing = threading.Event()
+    if args.tracefs:
+        script = out / "capture.sh"
+        subprocess.run(tool + ["tracefs-script", *KSDISK_CALLBACKS, "-o", str(script)], env=env, check=True)
+        t0 = time.monotonic()
+        capture = start_capture(script, out / "capture.txt", out / "tracefs.log")
+        while "tracing into" not in (out / "tracefs.log").read_text(errors="replace"):
+            if capture.poll() is not None or time.monotonic() - t0 > 300:
+                print(f"the tracefs script did not start:\n{(out / 'tracefs.log').read_text()}", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        run["tracefs"] = {"attach_seconds": round(time.monotonic() - t0, 1)}
+        # the same script through `record --tracefs`, stopped by a SIGINT sent to record alone
+        record_tracefs = subprocess.Popen(tool + ["record", "--tracefs", "-o", str(out / "trace-record-tracefs.ndjson")],
+                                          env=env, stdout=subprocess.DEVNULL,
+                                          stderr=open(out / "record-tracefs.log", "w"))
+        while "tracing into" not in (out / "record-tracefs.log").read_text(errors="replace"):
+            if record_tracefs.poll() is not None or time.monotonic() - t0 > 300:
+                print(f"record --tracefs did not start:\n{(out / 'record-tracefs.log').read_text()}", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        run["kill_seed"], run["kills"] = random.randrange(1 << 30), []
+        killer = threading.Thread(target=kill_rounds, args=(script, out, stop_killing, run))
+        killer.start()
     scenario_env = {**os.environ, "KSDISK_SETTLE_S": "5",
                     "KSDISK_RECORD_PIDS": ",".join(str(r.pid) for r in recorders.values())}
 
@@ -107,6 +180,24 @@ def main() -> int:
     for probe_type, rec in recorders.items():
         rec.send_signal(signal.SIGTERM)  # must leave a complete file
         run["record"][probe_type]["rc"] = rec.wait(timeout=120)
+    if capture is not None:
+        record_tracefs.send_signal(signal.SIGINT)
+        run["tracefs"]["record_rc"] = record_tracefs.wait(timeout=120)
+        stop_killing.set()
+        killer.join()
+        capture.send_signal(signal.SIGTERM)
+        run["tracefs"]["rc"] = capture.wait(timeout=120)
+        # every script is gone: tracefs must be as it was before the first one
+        run["tracefs"]["kprobe_events_after"] = (TRACEFS / "kprobe_events").read_text().splitlines()
+        run["tracefs"]["instances_after"] = sorted(d.name for d in (TRACEFS / "instances").iterdir())
+        status |= run["tracefs"]["rc"] != 143
+        # not root: one line and exit 1 (a copy nobody can read: OUT is under /root)
+        mine = Path("/tmp/capture-as-nobody.sh")
+        mine.write_text(script.read_text())
+        mine.chmod(0o644)
+        nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "busybox", "sh",
+                                 str(mine), "-o", "/tmp/nobody-capture.txt"], capture_output=True, text=True, cwd="/tmp")
+        run["tracefs"]["as_nobody"] = {"rc": nobody.returncode, "stderr": nobody.stderr}
     (out / "run.json").write_text(json.dumps(run, indent=1))
     return 1 if status or any(r["rc"] != 0 for r in run["record"].values()) else 0
 

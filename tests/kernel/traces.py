@@ -141,7 +141,8 @@ def history_differences(a: Trace, b: Trace, start: int, end: int) -> list[str]:
                     where = f"tid {tid} {x.kind.name} at {x.t}"
                     same("key", x.key, y.key, where)
                     same("profile", x.profile, y.profile, where)
-                    if (x.pid, x.comm) != (y.pid, y.comm):  # get_call: the same task, so the same process
+                    # get_call: the same task, so the same process (tracefs cannot fetch the pid)
+                    if x.comm != y.comm or None not in (x.pid, y.pid) and x.pid != y.pid:
                         problems.append(f"{where}: process {x.comm}:{x.pid} vs {y.comm}:{y.pid}")
             elif not all(near_gap(e) for e in xs[i1:i2] + ys[j1:j2]):
                 problems.append(f"tid {tid}: {len(xs)} vs {len(ys)} events, differing at #{i1}: "
