@@ -80,7 +80,14 @@ class CaptureInfo:
     callbacks: set[str] = field(default_factory=set)  # driver callbacks probed (symbol names)
     ended: bool = False
     overruns: int = 0  # ftrace's own count of events overwritten before they were read
-    missed: int = 0  # kprobe hits the kernel skipped (kprobe_profile)
+    polls: list[int] = field(default_factory=list)  # when the script read kprobe_profile (ns, trace clock)
+    missed: dict[int, int] = field(default_factory=dict)  # poll time -> probe hits skipped so far, all probes
+
+
+def _seconds(value: str) -> int | None:
+    """ftrace's "sec.usec" as nanoseconds."""
+    sec, _, usec = value.partition(".")
+    return int(sec) * 1_000_000_000 + int(usec.ljust(6, "0")[:6]) * 1000 if sec.isdigit() and usec.isdigit() else None
 
 
 def _int(value: str) -> int | None:
@@ -137,8 +144,11 @@ class Importer:
             stats = dict(re.findall(r"([a-z ]+): (\d+)", " ".join(rest[1:])))
             lost = int(stats.get("overrun", 0)) + int(stats.get("dropped events", 0))
             info.overruns += lost if what == "stats" else -lost
-        elif what == "missed" and len(rest) == 3 and rest[2].isdigit():
-            info.missed += int(rest[2])
+        elif what == "poll" and rest and _seconds(rest[0]) is not None:
+            info.polls.append(_seconds(rest[0]))
+        elif what == "missed" and len(rest) == 3 and _seconds(rest[0]) is not None and rest[2].isdigit():
+            at = _seconds(rest[0])
+            info.missed[at] = info.missed.get(at, 0) + int(rest[2])
 
     def header(self) -> Header:
         info = self.info
@@ -338,8 +348,13 @@ class Importer:
             self.decoder.lost(0, 0, since, at=t, since=since, why="capture-cut")
         if info.overruns > self.lost_lines:
             self.decoder.lost(0, info.overruns - self.lost_lines, since, at=t, since=since, why="ftrace-overrun")
-        if info.missed:
-            self.decoder.lost(0, info.missed, since, at=t, since=since, why="kprobe-missed")
+        # Each rise of the kernel's miss counters happened between two polls.
+        polls, before = sorted(info.polls), 0
+        for at in sorted(info.missed):
+            rise, before = info.missed[at] - before, info.missed[at]
+            if rise > 0:
+                previous = max((p for p in polls if p < at), default=since)
+                self.decoder.lost(0, rise, since, at=at, since=min(previous, at), why="kprobe-missed")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
 import stat
 import sys
@@ -419,8 +420,11 @@ EXIT_CANNOT_TRACE = 1
 @click.option("--tracefs", "use_tracefs", is_flag=True,
               help="Record through tracefs kprobe events instead of bcc (the `tracefs-script` script, run "
                    "here, then imported): for a host without bcc.")
+@click.option("--callback", "callbacks", multiple=True, metavar="MODULE:SYMBOL",
+              help="With --tracefs: also probe this driver callback, whenever its module loads (bcc's "
+                   "record finds a module loaded later by itself). Repeatable.")
 def record(output: str | None, duration: float | None, disk: str | None, probe_type: str, semantics: str | None,
-           ebpf: bool, use_tracefs: bool) -> None:
+           ebpf: bool, use_tracefs: bool, callbacks: tuple[str, ...]) -> None:
     """Record the kernel's keyslot-manager events into a trace (root, bcc).
 
     Probes are chosen from /proc/kallsyms and tracefs for this kernel's API
@@ -449,10 +453,13 @@ def record(output: str | None, duration: float | None, disk: str | None, probe_t
         return
     if output is None:
         raise click.UsageError("Missing option '-o' / '--output'.")
+    if callbacks and not use_tracefs:
+        raise click.UsageError("--callback is for --tracefs.")
     if use_tracefs:
         if disk or probe_type != "auto":
             raise click.UsageError("--tracefs records every profile with kprobe events: no -d, no --probe-type.")
-        _record_tracefs(output, duration, semantics)
+        _check_callbacks(callbacks)
+        _record_tracefs(output, duration, semantics, callbacks)
         return
     try:
         check_privileges()
@@ -481,7 +488,7 @@ def record(output: str | None, duration: float | None, disk: str | None, probe_t
     click.echo(f"recorded {summary}", err=True)
 
 
-def _record_tracefs(output: str, duration: float | None, semantics: str | None) -> None:
+def _record_tracefs(output: str, duration: float | None, semantics: str | None, callbacks: tuple[str, ...]) -> None:
     """Run the capture script here, then import its capture: the capture (raw pointers)
     lives in a private directory and is deleted once imported."""
     import math
@@ -497,7 +504,7 @@ def _record_tracefs(output: str, duration: float | None, semantics: str | None) 
     with tempfile.TemporaryDirectory(prefix="keyslot-trace-") as private:
         script_path, capture = os.path.join(private, "capture.sh"), os.path.join(private, "capture.txt")
         try:
-            text = _tracefs_script_text(None, ())
+            text = _tracefs_script_text(None, callbacks)
         except BTFError as e:
             click.echo(f"keyslot-trace: {e}", err=True)
             sys.exit(EXIT_CANNOT_TRACE)
@@ -525,6 +532,13 @@ def _record_tracefs(output: str, duration: float | None, semantics: str | None) 
             sys.exit(EXIT_CANNOT_TRACE)
     summary = ", ".join(f"{v} {k}" for k, v in sorted(imported.decoder.counts.items())) or "no events"
     click.echo(f"recorded {summary}", err=True)
+
+
+def _check_callbacks(callbacks: tuple[str, ...]) -> None:
+    """A callback goes into the script and into kprobe_events: a symbol, nothing else."""
+    for cb in callbacks:
+        if not re.fullmatch(r"(\w+:)?[\w.]+", cb):
+            raise click.BadParameter(f"{cb!r} is not SYMBOL or MODULE:SYMBOL", param_hint="--callback")
 
 
 def _tracefs_script_text(btf_path: str | None, callbacks: tuple[str, ...]) -> str:
@@ -571,9 +585,7 @@ def tracefs_script(output: str, btf_path: str | None, callbacks: tuple[str, ...]
     """
     from tracer.btf import BTFError
 
-    for cb in callbacks:
-        if not all(part.replace("_", "a").replace(".", "a").isalnum() for part in cb.split(":", 1)):
-            raise click.BadParameter(f"{cb!r} is not SYMBOL or MODULE:SYMBOL", param_hint="--callback")
+    _check_callbacks(callbacks)
     try:
         text = _tracefs_script_text(btf_path, callbacks)
     except BTFError as e:

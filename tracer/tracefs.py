@@ -192,6 +192,14 @@ cpu_stats() {  # the instance's per-CPU ring-buffer counters (overrun, dropped e
 	done
 }
 
+poll_misses() {  # the kernel's counts of probe hits it skipped, stamped on the trace clock
+	now=$(awk '$1 == "now" { print $3; exit }' "$I/per_cpu/cpu0/stats")
+	echo "# poll $now"
+	# kprobe_profile names events without their group: keep ours
+	awk -v ours=" $DEFINED " -v now="$now" 'index(ours, " " $1 " ") && $3 > 0 { print "# missed", now, $1, $3 }' \
+		"$T/kprobe_profile" 2>/dev/null
+}
+
 cleanup() {
 	trap - EXIT
 	trap '' INT TERM HUP   # a second Ctrl-C must not cut the cleanup short
@@ -211,8 +219,7 @@ cleanup() {
 		{
 			echo "# end $(cat /proc/uptime)"
 			cpu_stats stats
-			# kprobe_profile names events without their group: keep ours
-			awk -v ours=" $DEFINED " 'index(ours, " " $1 " ") { print "# missed", $1, $2, $3 }' "$T/kprobe_profile" 2>/dev/null
+			poll_misses
 		} >> "$OUT"
 		echo 0 > "$I/events/$G/enable" 2>/dev/null
 		rmdir "$I" 2>/dev/null || echo "keyslot-capture: could not remove $I" >&2
@@ -332,12 +339,15 @@ echo "# begin" >> "$OUT"
 cat "$I/trace_pipe" >> "$OUT" &
 READER=$!
 echo "keyslot-capture: tracing into $OUT ($(echo $DEFINED | wc -w) probes; Ctrl-C stops)" >&2
-if [ "$DURATION" -gt 0 ]; then
-	sleep "$DURATION" &
+# Once a second: the kernel's miss counters, so that import can say when a miss happened
+# (a window of a second) rather than "somewhere in the capture".
+elapsed=0
+while kill -0 "$READER" 2>/dev/null && { [ "$DURATION" -eq 0 ] || [ "$elapsed" -lt "$DURATION" ]; }; do
+	sleep 1 &
 	SLEEPER=$!
-	wait $SLEEPER
-else
-	wait "$READER"
-fi
+	wait $SLEEPER   # a trapped signal interrupts wait, not a foreground sleep
+	elapsed=$((elapsed + 1))
+	poll_misses >> "$OUT"
+done
 exit 0
 '''

@@ -146,7 +146,8 @@ def main() -> int:
             time.sleep(0.2)
         run["tracefs"] = {"attach_seconds": round(time.monotonic() - t0, 1)}
         # the same script through `record --tracefs`, stopped by a SIGINT sent to record alone
-        record_tracefs = subprocess.Popen(tool + ["record", "--tracefs", "-o", str(out / "trace-record-tracefs.ndjson")],
+        record_tracefs = subprocess.Popen(tool + ["record", "--tracefs", *KSDISK_CALLBACKS,
+                                                  "-o", str(out / "trace-record-tracefs.ndjson")],
                                           env=env, stdout=subprocess.DEVNULL,
                                           stderr=open(out / "record-tracefs.log", "w"))
         while "tracing into" not in (out / "record-tracefs.log").read_text(errors="replace"):

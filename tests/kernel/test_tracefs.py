@@ -18,7 +18,7 @@ import pytest
 
 from replay.checker import Verdict, check
 from replay.trace import read_trace
-from tests.kernel.traces import history_differences, kernel_misses
+from tests.kernel.traces import history_differences, kernel_misses, verdict_is_sound
 from tracer.btf import BTF
 from tracer.tracefs import LAYOUTS, layout_from_btf
 
@@ -51,9 +51,12 @@ def test_tracefs_trace_replays_agree(tracefs_trace):
     """The whole run, late attach included: the script probes ksdisk's callbacks by
     MODULE:SYMBOL, so every load of the module is traced from its first event."""
     r = check(tracefs_trace)
-    missed = kernel_misses(tracefs_trace, 0, 1 << 63)
-    assert r.verdict is Verdict.AGREE or (r.verdict is Verdict.UNKNOWN and missed), \
+    assert verdict_is_sound(r.verdict, kernel_misses(tracefs_trace, 0, 1 << 63)), \
         (r.verdict, r.divergence and r.divergence.reason, r.profiles)
+    # a skipped probe hit is placed between two polls of the kernel's counters, about a
+    # second apart: not "somewhere in the capture", which would excuse everything
+    windows = [e.t - e.since for e in tracefs_trace.events if e.kind.name == "lost" and e.since is not None]
+    assert all(w < 10_000_000_000 for w in windows), windows
     assert sum(p.ops_checked for p in r.profiles) > 300
     # every get's slot and every evict's driver callback was seen (tracer/capture.py)
     assert '"why":"tracefs-' not in Path(tracefs_trace.path).read_text()
@@ -128,7 +131,7 @@ def test_record_tracefs_is_the_same_script_imported(recording, tracefs_trace):
     a complete trace of the same run, without the capture (raw pointers) left behind."""
     assert recording.run["tracefs"]["record_rc"] == 0, (recording.out / "record-tracefs.log").read_text()
     trace = read_trace(str(recording.out / "trace-record-tracefs.ndjson"))
-    assert check(trace).verdict is Verdict.AGREE
+    assert verdict_is_sound(check(trace).verdict, kernel_misses(trace, 0, 1 << 63))
     start = min(w["start_ns"] for w in recording.run["scenarios"].values())
     end = max(w["end_ns"] for w in recording.run["scenarios"].values())
     assert history_differences(tracefs_trace, trace, start, end) == []
