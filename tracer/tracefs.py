@@ -114,7 +114,7 @@ def _define_function(generation: str, lay: Layout) -> str:
         f'\tprobe init p "{sym("profile_init")}" "profile=\\$arg1:x64 nslots=\\$arg2:u32 $FALLBACK_ARG"',
         f'\tprobe init_r r16 "{sym("profile_init")}" "ret=\\$retval:s32"',
     ]
-    if sym("profile_init_passthrough"):
+    if _symbol(generation, "profile_init_passthrough"):
         lines += [f'\tprobe initpt p "{sym("profile_init_passthrough")}" "profile=\\$arg1:x64"',
                   f'\tprobe initpt_r r16 "{sym("profile_init_passthrough")}" ""']
     lines += [f'\tprobe destroy p "{sym("profile_destroy")}" "profile=\\$arg1:x64"',
@@ -236,7 +236,8 @@ trap 'exit 143' TERM
 trap 'exit 129' HUP
 
 # Every symbol this script may probe, with its address, in one pass over kallsyms.
-awk '($2 ~ /^[tTwW]$/ && ($3 ~ /^(__)?blk_(crypto|ksm)_/ || $3 ~ /keyslot_(program|evict)$/)) ||
+# (bcc's fentry programs are symbols too, in module [bpf], named after what they trace)
+awk '($2 ~ /^[tTwW]$/ && $4 != "[bpf]" && ($3 ~ /^(__)?blk_(crypto|ksm)_/ || $3 ~ /keyslot_(program|evict)$/)) ||
      $3 == "blk_crypto_fallback_profile" || $3 == "blk_crypto_ksm" { print $3, $1, $4 }' /proc/kallsyms > "$SYMS" ||
 	die "cannot write $SYMS"
 find_symbol() {  # the symbol itself, else its .isra/.constprop clone

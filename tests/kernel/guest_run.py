@@ -77,22 +77,31 @@ def leftovers(group: str) -> list[str]:
 
 def kill_rounds(script: Path, out: Path, stop: threading.Event, run: dict) -> None:
     """Start the capture script and kill it at a random moment, again and again until
-    ``stop``: while it defines its probes, while it traces, or before it has begun."""
+    ``stop``: half of the times while it sets up (defines probes, makes its instance),
+    half while it traces (up to 5 s after it said so)."""
     rng = random.Random(run["kill_seed"])
-    setup = run["tracefs"]["attach_seconds"]  # how long a script takes to begin tracing here
+    setup = run["tracefs"]["attach_seconds"]  # how long the first script took to begin tracing
     n = 0
     while not stop.is_set() and n < 12:
-        sig = rng.choice([signal.SIGINT, signal.SIGTERM])
-        delay = rng.uniform(0.0, 3 * setup)  # a third of them while it sets up, the rest while it traces
-        p = start_capture(script, out / f"kill-{n}.txt", out / f"kill-{n}.log")
-        stop.wait(delay)  # the recording's end cuts it short
+        sig, phase = rng.choice([signal.SIGINT, signal.SIGTERM]), rng.choice(["setup", "tracing"])
+        log = out / f"kill-{n}.log"
+        p = start_capture(script, out / f"kill-{n}.txt", log)
+        if phase == "setup":
+            stop.wait(rng.uniform(0.0, setup))
+        else:
+            t0 = time.monotonic()
+            while "tracing into" not in log.read_text(errors="replace") and p.poll() is None \
+                    and time.monotonic() - t0 < 300 and not stop.is_set():
+                time.sleep(0.2)
+            stop.wait(rng.uniform(0.0, 5.0))
         p.send_signal(sig)
         try:
             rc = p.wait(timeout=60)
         except subprocess.TimeoutExpired:
             p.kill()
             rc = "hung"
-        run["kills"].append({"n": n, "signal": sig.name, "after_s": round(delay, 2), "rc": rc,
+        run["kills"].append({"n": n, "signal": sig.name, "phase": phase, "rc": rc,
+                             "began": "tracing into" in log.read_text(errors="replace"),
                              "left": leftovers(f"kst_{p.pid}")})
         n += 1
 
