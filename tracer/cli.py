@@ -282,7 +282,8 @@ def report_cmd(trace_path: str, output: str, slot_spec: str) -> None:
 
 
 def _not_the_trace(output: str, trace_path: str, what: str) -> None:
-    if "-" not in (output, trace_path) and os.path.exists(output) and os.path.samefile(output, trace_path):
+    if "-" not in (output, trace_path) and os.path.exists(output) and os.path.exists(trace_path) \
+            and os.path.samefile(output, trace_path):
         _fail_bad_input(f"{output}: is the trace itself; write the {what} elsewhere")
 
 

@@ -97,8 +97,11 @@ def test_killed_scripts_leave_tracefs_as_they_found_it(recording, installed_tool
     kills = recording.run["kills"]
     assert len(kills) >= 5, kills
     for k in kills:
-        assert k["rc"] in (130, 143), k  # the trap ran (a hang would say "hung")
+        # the trap ran (a hang would say "hung"), or the signal came before the shell had set
+        # its trap, when it had made nothing yet
+        assert k["rc"] in (130, 143) or (k["rc"] in (-2, -15) and not k["began"]), k
         assert k["left"] == [], k
+    assert any(k["began"] for k in kills) and not all(k["began"] for k in kills), kills
     assert recording.run["tracefs"]["kprobe_events_after"] == []
     assert not [i for i in recording.run["tracefs"]["instances_after"] if i.startswith("kst_")]
     began = 0

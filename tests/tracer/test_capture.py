@@ -144,7 +144,12 @@ def test_bad_capture_is_one_line_and_exit_2(tmp_path, damage, message):
     assert "Traceback" not in r.output
 
 
-def test_missing_capture_file(tmp_path):
+@pytest.mark.parametrize("output_exists", [False, True])
+def test_missing_capture_file(tmp_path, output_exists):
+    """Whether or not the output is there already (a second import: it once raised in
+    the check that the output is not the input)."""
+    if output_exists:
+        (tmp_path / "t.ndjson").write_text("")
     r = run("import", tmp_path / "nope.txt", "-o", tmp_path / "t.ndjson")
     assert r.exit_code == 2 and "nope.txt" in r.output and len(r.output.strip().splitlines()) == 1
 
