@@ -107,17 +107,18 @@ def test_ftrace_loss_lines_and_counters_become_lost_markers(tmp_path):
     text = CAPTURES[0].read_text()
     first_put = _events(text, "put")[0]
     text = text.replace(first_put, "CPU:0 [LOST 7 EVENTS]\n" + first_put, 1)
-    # the script's polls of kprobe_profile: 2 hits skipped between the polls at 60 s and 61 s,
-    # and one more (3 in all) by 62 s
-    text = text.replace("# begin\n", "# begin\n# poll 60.000000\n# poll 61.000000\n# missed 61.000000 put 2\n"
-                        "# poll 62.500000\n# missed 62.500000 put 3\n", 1)
+    # the script's polls of kprobe_profile (after the capture's own): 2 hits skipped between
+    # the polls at 5000 s and 5001 s, and one more (3 in all) by 5002.5 s
+    text = text.replace("# begin\n", "# begin\n# poll 5000.000000\n# poll 5001.000000\n# missed 5001.000000 put 2\n"
+                        "# poll 5002.500000\n# missed 5002.500000 put 3\n", 1)
     r, out = imported(text, tmp_path)
     assert r.exit_code == 0
     lost = sorted((e for e in read_trace(str(out)).events if e.kind.name == "lost"), key=lambda e: e.count)
     assert [(e.count, e.cpu) for e in lost] == [(1, 0), (2, 0), (7, 0)]
     assert sorted(whys(out)) == ["ftrace-overrun", "kprobe-missed", "kprobe-missed"]
     # a miss is placed between the two polls that saw the counter rise
-    assert [(e.since, e.t) for e in lost[:2]] == [(61_000_000_000, 62_500_000_000), (60_000_000_000, 61_000_000_000)]
+    assert [(e.since, e.t) for e in lost[:2]] == [(5001_000_000_000, 5002_500_000_000),
+                                                  (5000_000_000_000, 5001_000_000_000)]
 
 
 def test_a_cut_capture_ends_with_a_lost_marker(tmp_path):
