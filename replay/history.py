@@ -128,9 +128,10 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
         _finish(h, rec, None, t)
 
     def settle(k: tuple) -> None:
-        """No return claimed the thread's stray callbacks: no kernel makes them."""
+        """No return claimed the thread's stray callbacks: no kernel makes them (unless the
+        operation they belong to may have begun unseen: then they are only dropped)."""
         rec = stray.pop(k, None)
-        if rec is not None:
+        if rec is not None and rec.impossible is not None:
             hist(rec.profile).points.append((rec.call.t, 1, RETURN, rec))  # no CALL: it is no operation to linearize
 
     for ev in events:
@@ -249,7 +250,12 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
                 stray[k] = OpRecord(ids, "callback", ev.profile, ev.tid, ev.cpu, ev, ev, [ev], impossible=(
                     f"the driver's {what} callback at line {ev.line} ran outside any get, evict or "
                     f"reprogram_all of its thread{inside} ({seen_before}, no loss reported)"))
-            # Otherwise its parent's call predates the trace, or a loss: nothing to attach it to.
+            elif not seen_before:
+                # Its parent's call predates the trace, or a loss: kept for that operation's return,
+                # whose model input they complete (an evict that called the driver after the loss
+                # took effect then); dropped if the thread does anything else first.
+                ids += 1
+                stray[k] = OpRecord(ids, "callback", ev.profile, ev.tid, ev.cpu, ev, ev, [ev])
     for k in list(stray):
         settle(k)
     for stack in open_ops.values():  # still in flight at the end of the trace: it may or may not have taken effect
@@ -303,6 +309,10 @@ def to_model_op(rec: OpRecord):
         drv = _drv_evict(rec.subs)
         if ret is None or (drv is not None and drv.result is None):
             inc = True
+        elif call is None and any(e.kind is EventKind.drv_evict_call for e in rec.subs):
+            # its call predates the trace, but it called the driver after the last loss (else build
+            # would not have given it these callbacks): it took effect then, as its events show
+            inc = False
         return Evict(key, ret.result if ret else None, drv, inc)
     programs = tuple(_programs(rec.subs))
     return Reprogram(programs, inc or ret is None or call is None)

@@ -369,8 +369,31 @@ def _step_get_incomplete(state: State, op: Get, flavour: str) -> Step:
     for cand in _possible_gets(state, op):
         st = _step_get(state, cand, flavour)
         nexts.extend(st.states)
-    nexts.append(state)  # it may have failed, or not have happened at all
+    if op.status == 0 and op.slot is not None:
+        nexts.extend(_taken_unseen(state, op, flavour))
+    else:
+        nexts.append(state)  # it may have failed, or not have happened at all
     return _ok(*dict.fromkeys(nexts))
+
+
+def _taken_unseen(state: State, op: Get, flavour: str) -> list[State]:
+    """A get seen returning slot s took effect before what the model has seen (it began before
+    the trace, or before lost events): the state already holds its effect. Not nothing: its
+    reference is held until a put after its return (rule 10), so slot s still holds the key,
+    or on mainline-unlink no key (a busy evict unlinks it, rule 7), and a reference."""
+    s, key = op.slot, op.key
+    if not 0 <= s < state.num_slots or state.modes[s] == IDLE_UNPLACED or (
+            state.modes[s] == KNOWN and state.refs[s] == 0):
+        return []
+    held = replace(state, refs=_set(state.refs, s, max(1, state.refs[s])))
+    out = []
+    if state.keys[s] == key:
+        out.append(held)
+    elif state.keys[s] == UNK and _key_maybe_unknown(state, key):
+        out.append(replace(held, keys=_set(state.keys, s, key)))
+    if flavour == "mainline-unlink" and state.keys[s] in (None, UNK):
+        out.append(replace(held, keys=_set(state.keys, s, None), gone=_forget(state, key)))
+    return out
 
 
 def _possible_gets(state: State, op: Get):

@@ -30,6 +30,10 @@ MAJOR_VERSION = 1
 API_GENERATIONS = ("blk_crypto", "blk_ksm", "keyslot_manager")
 #: Semantics flavours: which reference model applies (replay/model.py).
 SEMANTICS = ("mainline-keep", "mainline-unlink", "android")
+#: The most slots a profile may have. Hardware has at most 256 (UFS and eMMC's 8-bit config
+#: count), blk-crypto-fallback 100 by default; the model keeps a tuple entry per slot in every
+#: state, so a corrupt count (2^40) must be refused here, not met as a MemoryError later.
+MAX_SLOTS = 1 << 16
 
 
 class TraceFormatError(Exception):
@@ -169,6 +173,9 @@ def _parse_header(path: str, obj: Any) -> Header:
             raise TraceFormatError(path, 1, f"header: bad profile entry {p!r} (needs id and num_slots)")
         if p["num_slots"] < 0:
             raise TraceFormatError(path, 1, f"header: profile {p['id']}: num_slots must be >= 0, got {p['num_slots']}")
+        if p["num_slots"] > MAX_SLOTS:
+            raise TraceFormatError(path, 1, f"header: profile {p['id']}: num_slots {p['num_slots']} is more than "
+                                            f"any keyslot manager has (at most {MAX_SLOTS})")
         profiles.append(ProfileInfo(p["id"], p["num_slots"], p.get("device")))
     known = {"format", "version", "tool", "kernel", "api", "semantics", "clock", "host", "start_time", "profiles"}
     return Header(
@@ -219,6 +226,9 @@ def _parse_event(path: str, lineno: int, obj: Any) -> Event:
     if kind is EventKind.profile_init or kind is EventKind.profile_attach:
         if values[8] < 0:
             raise TraceFormatError(path, lineno, f"{kind.name}: num_slots must be >= 0")
+        if values[8] > MAX_SLOTS:
+            raise TraceFormatError(path, lineno, f"{kind.name}: num_slots {values[8]} is more than any keyslot "
+                                                 f"manager has (at most {MAX_SLOTS})")
         device = obj.get("device")
         values[10] = device if isinstance(device, str) else None
     elif kind is EventKind.lost and "since" in obj:

@@ -816,9 +816,11 @@ def man() -> None:
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it; 1 would read as DIVERGED
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The console script. ``argv`` (default: sys.argv[1:]) lets a caller in the same process
+    run exactly what the installed command runs (bench/fuzz_traces.py)."""
     try:
-        status = cli.main(prog_name="keyslot-trace", standalone_mode=False)
+        status = cli.main(args=argv, prog_name="keyslot-trace", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C (click turns it into Abort)
         click.echo("", err=True)
         sys.exit(EXIT_INTERRUPTED)
