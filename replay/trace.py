@@ -402,7 +402,7 @@ class TraceStream:
     notes: list[str] = field(default_factory=list)
 
 
-def stream_trace(path: str | os.PathLike, window: int = STREAM_WINDOW) -> TraceStream:
+def stream_trace(path: str | os.PathLike, window: int = STREAM_WINDOW, source: IO[bytes] | None = None) -> TraceStream:
     """read_trace, streaming: memory does not grow with the trace's length.
 
     The same input (a file or '-' for stdin, plain or gzip by its magic bytes), every line
@@ -429,12 +429,15 @@ def stream_trace(path: str | os.PathLike, window: int = STREAM_WINDOW) -> TraceS
     each: ~10,000 events a buffer). The window counts events, not time, so that it bounds
     memory whatever the event rate (~20 MB when full): a window of time holds as many events
     as the rate puts in it, and simulated traces run at ~580,000 events per second.
+
+    ``source``: read the data from it (a file object with read1 or read) instead of opening
+    ``path``, which then only names the trace in errors (the checker's copy of stdin).
     """
     path = os.fspath(path)
     name = "<stdin>" if path == STDIN else path
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
-    source = _open(path, name)
+    source = _open(path, name) if source is None else source
     tail = _Tail()
     items = _parse_lines(name, _split_lines(_chunks(source, name), tail, name), tail)
     try:

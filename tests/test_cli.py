@@ -97,8 +97,13 @@ def test_ctrl_c_during_replay_exits_130_not_the_code_of_diverged(tmp_path):
 
     big = tmp_path / "big.ndjson"
     assert run("simulate", "-o", str(big), "--requests", "60000", "--threads", "8").exit_code == 0
-    p = subprocess.Popen([sys.executable, "-c", "from tracer.cli import main; main()", "replay", str(big)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # half the trace on stdin, which stays open: replay is still at it when Ctrl-C comes (a
+    # file would be checked before it does: the compiled checker takes a fraction of a second)
+    p = subprocess.Popen([sys.executable, "-c", "from tracer.cli import main; main()", "replay", "-"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    data = big.read_text()
+    p.stdin.write(data[:len(data) // 2])
+    p.stdin.flush()
     time.sleep(1.5)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)

@@ -85,14 +85,25 @@ def replay(traces: tuple[str, ...], semantics: str | None, as_json: bool, budget
     import orjson
     from rich.console import Console
 
-    from replay import checker, report
+    from replay import checker, report, streamcheck
+    from replay.trace import TraceFormatError
 
     console = Console(stderr=False, highlight=False)
     worst = checker.Verdict.AGREE
     for path in traces:
-        trace = _read_trace(path)
+        # streamed, in memory bounded by the operations in flight, when the trace replays AGREE;
+        # else (and for every report) the whole trace through checker.check: the same result
         with _Progress(console, path) as progress:
-            result = checker.check(trace, semantics, budget, progress=progress.advance, on_total=progress.total)
+            try:
+                checked = streamcheck.check_path(path, semantics, budget, progress=progress.advance,
+                                                 on_total=progress.total)
+            except TraceFormatError as e:
+                _fail_bad_input(str(e))
+        for note in checked.notes:
+            click.echo(f"keyslot-trace: {note}", err=True)
+        if streamcheck._fastcheck is None and time.monotonic() - progress.start > 1.0:
+            click.echo(f"keyslot-trace: {streamcheck.SLOW_NOTE}", err=True)
+        result = checked.result
         if as_json:  # one line per trace, the same shape for one trace or many
             sys.stdout.write(orjson.dumps({"trace": path, **report.to_json(result)}).decode() + "\n")
             sys.stdout.flush()
@@ -310,7 +321,7 @@ class _Progress:
     """A progress bar on stderr, shown only for replays that take more than a second."""
 
     def __init__(self, console, path: str):
-        self.path, self.bar, self.task, self.n = path, None, None, 0
+        self.path, self.bar, self.task, self.n = path, None, None, None  # n: None until known (a stream's)
         self.start = time.monotonic()
         self.interactive = sys.stderr.isatty()
 
