@@ -274,10 +274,10 @@ class Importer:
     def on_evict(self, c: "_Ctx") -> None:
         profile = _int(c.args["profile"]) or 0
         f = _Frame(EventKind.evict_call, profile, _int(c.args["key"]) or 0, num_slots=self._profile_fields(c, profile))
-        # The profile's evict callback, by name (":symbol"; 0 for none): if it was not
-        # probed, its calls cannot be seen.
+        # The profile's evict callback, by name (":symbol"; 0 for none, an address when the
+        # kernel cannot name it): if it was not probed, its calls cannot be seen.
         drv = c.args.get("drv", "0").split("+")[0]
-        f.callback_unseen = _int(drv) is None and drv not in self.info.callbacks
+        f.callback_unseen = _int(drv) != 0 and drv not in self.info.callbacks
         c.stack.append(f)
         self._emit(c, EventKind.evict_call, f)
 

@@ -94,9 +94,13 @@ def test_a_driver_not_probed_is_a_loss_not_a_guess(tmp_path):
     assert check(read_trace(str(out))).verdict is Verdict.UNKNOWN
 
 
-def test_an_evict_callback_not_probed_is_a_loss(tmp_path):
-    text = CAPTURES[0].read_text()
-    text = re.sub(r"^# probe (devict\d+(_r)?) ksdisk:(\S+) ok$", r"# probe \1 ksdisk:\3 failed", text, flags=re.M)
+@pytest.mark.parametrize("damage", [
+    lambda t: re.sub(r"^# probe (devict\d+(_r)?) ksdisk:(\S+) ok$", r"# probe \1 ksdisk:\3 failed", t, flags=re.M),
+    # a callback the kernel could not name: an address, not a probed symbol
+    lambda t: re.sub(r"drv=ksdisk_keyslot_evict\S* \[ksdisk\]", "drv=0xffffffffc0401230", t),
+], ids=["not probed", "unnamed"])
+def test_an_evict_callback_not_probed_is_a_loss(tmp_path, damage):
+    text = damage(CAPTURES[0].read_text())
     r, out = imported(text, tmp_path)
     assert r.exit_code == 0
     assert "tracefs-callback-not-probed" in whys(out)
