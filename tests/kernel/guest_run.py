@@ -77,13 +77,14 @@ def leftovers(group: str) -> list[str]:
 
 def kill_rounds(script: Path, out: Path, stop: threading.Event, run: dict) -> None:
     """Start the capture script and kill it at a random moment, again and again until
-    ``stop``: half of the times while it sets up (defines probes, makes its instance),
-    half while it traces (up to 5 s after it said so)."""
+    ``stop``: every other time while it sets up (defines probes, makes its instance), else
+    while it traces (up to 5 s after it said so). Six times at most: each copy's setup
+    costs the emulated guest seconds of CPU that the scenarios share."""
     rng = random.Random(run["kill_seed"])
     setup = run["tracefs"]["attach_seconds"]  # how long the first script took to begin tracing
     n = 0
-    while not stop.is_set() and n < 12:
-        sig, phase = rng.choice([signal.SIGINT, signal.SIGTERM]), rng.choice(["setup", "tracing"])
+    while not stop.is_set() and n < 6:
+        sig, phase = rng.choice([signal.SIGINT, signal.SIGTERM]), ("setup", "tracing")[n % 2]
         log = out / f"kill-{n}.log"
         p = start_capture(script, out / f"kill-{n}.txt", log)
         if phase == "setup":
