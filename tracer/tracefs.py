@@ -250,10 +250,12 @@ address_of() { awk -v n="$1" '$1 == n { print $2; exit }' "$SYMS"; }
 
 probe() {  # probe EVENT p|rN SYMBOL FETCHARGS: define one kprobe in our group
 	[ -n "$3" ] || { echo "# probe $1 - missing" >> "$OUT"; return 1; }
+	# Named for removal before it is made: a signal between the two would leave it behind.
+	DEFINED="$1 $DEFINED"   # removed in reverse order
 	if echo "${2}:$G/$1 $3 $4" >> "$T/kprobe_events" 2>/dev/null; then
-		DEFINED="$1 $DEFINED"   # removed in reverse order
 		echo "# probe $1 $3 ok" >> "$OUT"
 	else
+		DEFINED=${DEFINED#"$1 "}
 		echo "# probe $1 $3 failed" >> "$OUT"
 		return 1
 	fi
