@@ -3,7 +3,7 @@ capture script, run under busybox sh during the same recording as the bcc record
 (tests/kernel/conftest.py, guest_run.py --tracefs), imported with the installed
 `keyslot-trace import`, replayed, and compared with bcc's trace of the same run.
 
-Meanwhile more copies of the script were started and killed at random moments
+After the scenarios, more copies of the script were started and killed at random moments
 (SIGINT or SIGTERM, while defining probes, before tracing began, or while tracing):
 each must leave tracefs as it found it, and its partial capture must import.
 """
