@@ -80,8 +80,10 @@ class CaptureInfo:
     callbacks: set[str] = field(default_factory=set)  # driver callbacks probed (symbol names)
     ended: bool = False
     overruns: int = 0  # ftrace's own count of events overwritten before they were read
-    polls: list[int] = field(default_factory=list)  # when the script read kprobe_profile (ns, trace clock)
-    missed: dict[int, int] = field(default_factory=dict)  # poll time -> probe hits skipped so far, all probes
+    # when the script read kprobe_profile: (before, after) the read, ns on the trace clock
+    # (a capture of an earlier script has one stamp, taken before the read)
+    polls: list[tuple[int, int]] = field(default_factory=list)
+    missed: dict[int, int] = field(default_factory=dict)  # poll's second stamp -> probe hits skipped so far, all probes
 
 
 def _seconds(value: str) -> int | None:
@@ -144,8 +146,8 @@ class Importer:
             stats = dict(re.findall(r"([a-z ]+): (\d+)", " ".join(rest[1:])))
             lost = int(stats.get("overrun", 0)) + int(stats.get("dropped events", 0))
             info.overruns += lost if what == "stats" else -lost
-        elif what == "poll" and rest and _seconds(rest[0]) is not None:
-            info.polls.append(_seconds(rest[0]))
+        elif what == "poll" and rest and None not in (stamps := [_seconds(w) for w in rest[:2]]):
+            info.polls.append((stamps[0], stamps[-1]))
         elif what == "missed" and len(rest) == 3 and _seconds(rest[0]) is not None and rest[2].isdigit():
             at = _seconds(rest[0])
             info.missed[at] = info.missed.get(at, 0) + int(rest[2])
@@ -348,12 +350,13 @@ class Importer:
             self.decoder.lost(0, 0, since, at=t, since=since, why="capture-cut")
         if info.overruns > self.lost_lines:
             self.decoder.lost(0, info.overruns - self.lost_lines, since, at=t, since=since, why="ftrace-overrun")
-        # Each rise of the kernel's miss counters happened between two polls.
+        # Each rise of the kernel's miss counters happened after the previous poll
+        # began reading them and before this poll had read them.
         polls, before = sorted(info.polls), 0
         for at in sorted(info.missed):
             rise, before = info.missed[at] - before, info.missed[at]
             if rise > 0:
-                previous = max((p for p in polls if p < at), default=since)
+                previous = max((began for began, ended in polls if ended < at), default=since)
                 self.decoder.lost(0, rise, since, at=at, since=min(previous, at), why="kprobe-missed")
 
 

@@ -261,8 +261,10 @@ class Recorder:
         self._start_t = start_t
         tracefs = next((d for d in TRACEFS_DIRS if os.path.exists(os.path.join(d, "kprobe_profile"))), None)
         self._misses = MissCounters(self.bpf, tracefs)
-        self._misses.new_misses()  # the baseline (a miss before the first event read is no loss of ours)
+        # the baseline (a miss before the first event read is no loss of ours); a miss
+        # counted by the next read may have happened while this one was reading
         self._misses_read_t = time.monotonic_ns()
+        self._misses.new_misses()
         events = self._events = self.bpf["events"]
         # One reader per CPU, so that a loss is known per CPU and its marker
         # can be placed after the last event read from that CPU.
@@ -314,13 +316,17 @@ class Recorder:
 
     def _read_misses(self) -> None:
         """Probe hits the kernel skipped since the last look: a lost marker whose window
-        starts at that look (the hits could have been anywhere in between, on any CPU)."""
+        runs from when the last look began to when this one has read the counters (the
+        hits could have been anywhere in between, on any CPU). A look takes time, and a
+        hit skipped while it reads is counted by this look or the next one."""
         if self._misses is None:
             return
-        now = time.monotonic_ns()
-        for why, n in self._misses.new_misses().items():
-            self.decoder.lost(0, n, self._start_t, at=now, since=self._misses_read_t, why=why)
-        self._misses_read_t = now
+        began = time.monotonic_ns()
+        new = self._misses.new_misses()
+        read = time.monotonic_ns()
+        for why, n in new.items():
+            self.decoder.lost(0, n, self._start_t, at=read, since=self._misses_read_t, why=why)
+        self._misses_read_t = began
 
     def attach_late_drivers(self) -> None:
         """Attach to the callbacks of driver modules loaded after recording started.

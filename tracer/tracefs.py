@@ -192,12 +192,30 @@ cpu_stats() {  # the instance's per-CPU ring-buffer counters (overrun, dropped e
 	done
 }
 
-poll_misses() {  # the kernel's counts of probe hits it skipped, stamped on the trace clock
-	now=$(awk '$1 == "now" { print $3; exit }' "$I/per_cpu/cpu0/stats")
-	echo "# poll $now"
+read_now() {  # NOW: the instance's trace clock, read with builtins (a fork can take most of a second under emulation)
+	NOW=
+	while read -r word _ value _; do
+		[ "$word" = now ] && NOW=$value
+	done < "$I/per_cpu/cpu0/stats"
+}
+
+poll_misses() {  # the kernel's counts of probe hits it skipped, between two stamps of the trace clock
+	# A hit counted here was skipped before the second stamp, and after the first
+	# stamp of the previous poll: import makes that the loss's window.
+	read_now; before=$NOW
+	missed=
 	# kprobe_profile names events without their group: keep ours
-	awk -v ours=" $DEFINED " -v now="$now" 'index(ours, " " $1 " ") && $3 > 0 { print "# missed", now, $1, $3 }' \
-		"$T/kprobe_profile" 2>/dev/null
+	while read -r name _ count _; do
+		case " $DEFINED " in *" $name "*) [ "$count" -gt 0 ] && missed="$missed $name $count" ;; esac
+	done 2>/dev/null < "$T/kprobe_profile"
+	read_now
+	echo "# poll $before $NOW"
+	# shellcheck disable=SC2086 # split into name/count pairs
+	set -- $missed
+	while [ $# -ge 2 ]; do
+		echo "# missed $NOW $1 $2"
+		shift 2
+	done
 }
 
 cleanup() {

@@ -112,18 +112,20 @@ def test_ftrace_loss_lines_and_counters_become_lost_markers(tmp_path):
     text = CAPTURES[0].read_text()
     first_put = _events(text, "put")[0]
     text = text.replace(first_put, "CPU:0 [LOST 7 EVENTS]\n" + first_put, 1)
-    # the script's polls of kprobe_profile (after the capture's own): 2 hits skipped between
-    # the polls at 5000 s and 5001 s, and one more (3 in all) by 5002.5 s
-    text = text.replace("# begin\n", "# begin\n# poll 5000.000000\n# poll 5001.000000\n# missed 5001.000000 put 2\n"
-                        "# poll 5002.500000\n# missed 5002.500000 put 3\n", 1)
+    # the script's polls of kprobe_profile (after the capture's own), each stamped before and
+    # after its read: 2 hits skipped by the poll that ended at 5001.3 s, one more (3 in all)
+    # by the one that ended at 5002.8 s
+    text = text.replace("# begin\n", "# begin\n# poll 5000.000000 5000.400000\n# poll 5001.000000 5001.300000\n"
+                        "# missed 5001.300000 put 2\n# poll 5002.500000 5002.800000\n# missed 5002.800000 put 3\n", 1)
     r, out = imported(text, tmp_path)
     assert r.exit_code == 0
     lost = sorted((e for e in read_trace(str(out)).events if e.kind.name == "lost"), key=lambda e: e.count)
     assert [(e.count, e.cpu) for e in lost] == [(1, 0), (2, 0), (7, 0)]
     assert sorted(whys(out)) == ["ftrace-overrun", "kprobe-missed", "kprobe-missed"]
-    # a miss is placed between the two polls that saw the counter rise
-    assert [(e.since, e.t) for e in lost[:2]] == [(5001_000_000_000, 5002_500_000_000),
-                                                  (5000_000_000_000, 5001_000_000_000)]
+    # a miss lies after the previous poll began reading and before this one had read: a
+    # hit skipped while the previous poll was reading is counted by this one
+    assert [(e.since, e.t) for e in lost[:2]] == [(5001_000_000_000, 5002_800_000_000),
+                                                  (5000_000_000_000, 5001_300_000_000)]
 
 
 def test_a_cut_capture_ends_with_a_lost_marker(tmp_path):

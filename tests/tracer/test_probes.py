@@ -155,9 +155,10 @@ def test_kprobe_misses_are_read_from_kprobe_profile_and_only_growth_counts(tmp_p
     assert counters.new_misses() == {}
 
 
-def test_skipped_probe_hits_become_a_lost_marker_whose_window_starts_at_the_last_read(monkeypatch):
-    """The misses counted since the last read lie anywhere in between, on any CPU: the
-    marker says so (since), and why, so replay judges that window leniently."""
+def test_skipped_probe_hits_become_a_lost_marker_from_the_last_reads_start_to_this_reads_end(monkeypatch):
+    """The misses counted since the last read lie anywhere from when it began (a hit
+    skipped while it read is counted now) to when this read ended, on any CPU: the
+    marker says so (since, t), and why, so replay judges that window leniently."""
     import types
 
     from tracer import record
@@ -169,10 +170,10 @@ def test_skipped_probe_hits_become_a_lost_marker_whose_window_starts_at_the_last
     rec.decoder, rec._start_t, rec._misses_read_t = Decoder(out.append), 1, 50
     reads = iter([{"kprobe-missed": 2}, {}, {"bpf-recursion": 1}])
     rec._misses = types.SimpleNamespace(new_misses=lambda: next(reads))
-    clock = iter([100, 200, 300])
+    clock = iter([100, 110, 200, 210, 300, 310])  # each read: its start, its end
     monkeypatch.setattr(record.time, "monotonic_ns", lambda: next(clock))
     for _ in range(3):
         rec._read_misses()
     assert [(r["ev"], r["t"], r["since"], r["count"], r["why"]) for r in out] == [
-        ("lost", 100, 50, 2, "kprobe-missed"), ("lost", 300, 200, 1, "bpf-recursion")]
+        ("lost", 110, 50, 2, "kprobe-missed"), ("lost", 310, 200, 1, "bpf-recursion")]
     assert rec.decoder.counts["lost"] == 3
