@@ -141,6 +141,7 @@ def test_a_signal_while_the_probes_compile_still_leaves_a_complete_trace(tmp_pat
 
     setup = record.Setup("blk_crypto", "mainline-unlink", [], [])
     monkeypatch.setattr(record, "check_privileges", lambda: None)
+    monkeypatch.setattr(record, "check_kprobe_events", lambda: None)
     monkeypatch.setattr(record, "import_bcc", lambda: None)
     monkeypatch.setattr(record, "prepare", lambda **kw: setup)
     monkeypatch.setattr(record, "Recorder", CompilingRecorder)

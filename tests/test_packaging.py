@@ -4,6 +4,7 @@ checkout on sys.path (tests/packaging.py says why that matters)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -84,3 +85,17 @@ def test_wheel_metadata_is_what_a_packager_expects(newcomer):
     assert r.returncode == 0, r.stderr
     expression, files, classifiers = r.stdout.split("\n")[:3]
     assert expression == "GPL-2.0-only" and "LICENSE" in files and int(classifiers) > 5
+
+
+@pytest.mark.parametrize("command", [["record", "--duration", "1", "-o", "out.ndjson"], ["top", "-o", "out.ndjson", "1", "1"]])
+def test_on_a_kernel_without_blk_crypto_one_line_and_exit_1(newcomer, tmp_path, command):
+    """This machine's own kernel (and CI's) has no blk-crypto: the installed command says so
+    in one line, before compiling anything, and leaves no empty trace behind."""
+    if re.search(r" (blk_crypto_get_keyslot|blk_ksm_get_slot_for_key)$", Path("/proc/kallsyms").read_text(), re.M):
+        pytest.skip("this host's kernel has blk-crypto: the VM tests record it")
+    clone, _ = newcomer
+    r = run([str(clone / ".venv/bin/keyslot-trace"), *command], cwd=tmp_path, timeout=60)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    why = "no blk-crypto keyslot manager" if os.geteuid() == 0 else "tracing needs root"
+    assert r.stderr.startswith("keyslot-trace: ") and why in r.stderr, r.stderr
+    assert not (tmp_path / "out.ndjson").exists()

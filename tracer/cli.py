@@ -458,7 +458,7 @@ def record(output: str | None, duration: float | None, disk: str | None, probe_t
       keyslot-trace record --ebpf --probe-type kprobe   # the program, not loaded
     """
     from tracer.probes import ProbeError
-    from tracer.record import Recorder, attach_report, check_privileges, import_bcc, prepare
+    from tracer.record import Recorder, attach_report, check_kprobe_events, check_privileges, import_bcc, prepare
 
     if ebpf:
         _print_ebpf(False, semantics=semantics, probe_type=probe_type)
@@ -476,6 +476,7 @@ def record(output: str | None, duration: float | None, disk: str | None, probe_t
     try:
         check_privileges()
         setup = prepare(semantics=semantics, probe_type=probe_type)
+        check_kprobe_events()
         import_bcc()
         with open(output, "wb") as out:
             rec = Recorder(out, setup, disk=disk)
@@ -494,10 +495,21 @@ def record(output: str | None, duration: float | None, disk: str | None, probe_t
             for s, h in early.items():
                 signal.signal(s, h)
     except ProbeError as e:
+        _remove_if_empty(output)
         click.echo(f"keyslot-trace: {e}", err=True)
         sys.exit(EXIT_CANNOT_TRACE)
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no events"
     click.echo(f"recorded {summary}", err=True)
+
+
+def _remove_if_empty(output: str) -> None:
+    """A recording that failed before its header leaves no empty trace behind (the file
+    is opened before the minutes of compiling, so that a bad path fails at once)."""
+    try:
+        if os.path.isfile(output) and os.path.getsize(output) == 0:
+            os.unlink(output)
+    except OSError:
+        pass
 
 
 def _record_tracefs(output: str, duration: float | None, semantics: str | None, callbacks: tuple[str, ...]) -> None:
@@ -534,7 +546,8 @@ def _record_tracefs(output: str, duration: float | None, semantics: str | None, 
             for s, h in old.items():
                 signal.signal(s, h)
         if not os.path.exists(capture) or rc not in (0, 129, 130, 143):
-            click.echo(f"keyslot-trace: the tracefs capture script failed (exit {rc})", err=True)
+            if rc != 1:  # 1: the script's die() has said why, in one line
+                click.echo(f"keyslot-trace: the tracefs capture script failed (exit {rc})", err=True)
             sys.exit(EXIT_CANNOT_TRACE)
         try:
             with open(output, "wb") as out:
@@ -778,11 +791,12 @@ def _top_live(output: str | None, disk: str | None, every_event: bool, as_json: 
 
     from tracer import top as top_view
     from tracer.probes import ProbeError
-    from tracer.record import Recorder, attach_report, check_privileges, import_bcc, prepare
+    from tracer.record import Recorder, attach_report, check_kprobe_events, check_privileges, import_bcc, prepare
 
     try:
         check_privileges()
         setup = prepare()
+        check_kprobe_events()
         import_bcc()
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(open(output, "wb")) if output else None
@@ -802,6 +816,8 @@ def _top_live(output: str | None, disk: str | None, every_event: bool, as_json: 
             status = top_view.run_live(rec, as_json=as_json, interval_s=interval, count=count, name=name,
                                        proc_filter=proc_filter)
     except ProbeError as e:
+        if output:
+            _remove_if_empty(output)
         click.echo(f"keyslot-trace: {e}", err=True)
         sys.exit(EXIT_CANNOT_TRACE)
     except OSError as e:

@@ -42,9 +42,29 @@ def import_bcc():
     return bcc
 
 
+# capability numbers (uapi/linux/capability.h)
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+def effective_capabilities(status: str = "/proc/self/status") -> int | None:
+    try:
+        with open(status) as f:
+            return next((int(line.split()[1], 16) for line in f if line.startswith("CapEff:")), None)
+    except OSError:
+        return None
+
+
 def check_privileges() -> None:
+    """Fail before the minutes of compiling: a root whose capabilities a container or a
+    bounding set took away would otherwise learn it only when the first program loads."""
     if os.geteuid() != 0:
         raise ProbeError("tracing needs root (CAP_BPF and CAP_PERFMON): run it with sudo")
+    caps = effective_capabilities()
+    if caps is None:
+        return  # no /proc/self/status: let loading the programs say what is missing
+    if not (caps >> CAP_SYS_ADMIN & 1 or caps >> CAP_BPF & 1 and caps >> CAP_PERFMON & 1):
+        raise ProbeError(f"tracing needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN, which this root process "
+                         f"lacks (CapEff {caps:#x}: a container, or a dropped capability bounding set?)")
 
 
 @dataclass
@@ -55,6 +75,15 @@ class Setup:
     cflags: list[str]
     probe_type: str = "kprobe"  # or "fentry"
     kprobe_fallback: bool = True  # fentry that fails to load falls back to kprobes (--probe-type auto)
+
+
+def check_kprobe_events() -> None:
+    """bcc makes our return probes (they need a maxactive) in tracefs's kprobe_events, the
+    kernel's counts of skipped hits are read there, and the callbacks of a driver module
+    loaded while recording are kprobes even with fentry: without tracefs the first
+    kretprobe would fail after the minutes of compiling, or a late driver never be traced."""
+    if not any(os.path.exists(os.path.join(d, "kprobe_events")) for d in TRACEFS_DIRS):
+        raise ProbeError("tracing needs tracefs, which is not mounted: mount -t tracefs nodev /sys/kernel/tracing")
 
 
 def fentry_supported(ks: KernelSymbols) -> bool:
@@ -456,9 +485,18 @@ class Recorder:
         self.stop_requested = True
 
     def detach(self) -> None:
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
+        if self.bpf is None:
+            return
+        bpf, self.bpf = self.bpf, None
+        # bcc's cleanup stops at the first kprobe it cannot remove from tracefs (with no
+        # tracefs mounted, none), leaving the rest attached: remove each on its own. Closing
+        # a probe's perf event, which comes first, already detaches it.
+        for event in list(bpf.kprobe_fds):
+            try:
+                bpf.detach_kprobe_event(event)
+            except Exception:  # bcc raises bare Exception
+                bpf.kprobe_fds.pop(event, None)
+        bpf.cleanup()
 
 
 class MissCounters:
