@@ -15,6 +15,10 @@ busybox sh (capture.txt, tracefs.log), and meanwhile further copies of it are st
 and killed at random moments (kill-N.txt, kill-N.log): after each, and after all,
 run.json says which of their kprobes and trace instances were left behind.
 
+At the end, with --mid-stream: `record` started while a workload runs
+(trace-midstream.ndjson); with --bad-environments: the tool where it must refuse to
+trace (bad-environments.json).
+
 Also writes to OUT: <scenario>.json (workload reports), doctor.txt, run.json
 (per-scenario CLOCK_MONOTONIC windows in ns, exit codes, the scenario process's pid
 and comm, how long compiling and attaching took). The host side is tests/kernel/test_e2e.py and test_ksdisk.py.
@@ -107,6 +111,73 @@ def kill_rounds(script: Path, out: Path, stop: threading.Event, run: dict) -> No
         n += 1
 
 
+# Hostile environments `record`, `top` and `record --tracefs` must refuse in one line
+# with exit 1, before minutes of compiling, leaving no file behind; and one they must
+# work in. Each runs in its own mount namespace, so unmounting touches nothing else.
+NOT_ROOT = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+            # to reach the venv under /root, as an account that may run the tool would
+            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+NO_CAPS = ["setpriv", "--bounding-set=-bpf,-perfmon,-sys_admin"]  # root, as in a container
+UNMOUNT_TRACEFS = "umount /sys/kernel/debug/tracing 2>/dev/null; umount /sys/kernel/tracing; umount /sys/kernel/debug"
+UNMOUNT_DEBUGFS = "umount /sys/kernel/debug/tracing 2>/dev/null; umount /sys/kernel/debug"
+
+
+def bad_environments(tool: list[str], out: Path, env: dict) -> dict:
+    cases = {
+        "not-root record": (NOT_ROOT, None, ["record", "--duration", "2"]),
+        "no-caps record": (NO_CAPS, None, ["record", "--duration", "2"]),
+        "no-caps top": (NO_CAPS, None, ["top", "1", "1"]),
+        "no-tracefs record": ([], UNMOUNT_TRACEFS, ["record", "--duration", "2"]),
+        "no-tracefs top": ([], UNMOUNT_TRACEFS, ["top", "1", "1"]),
+        "no-tracefs record --tracefs": ([], UNMOUNT_TRACEFS, ["record", "--tracefs", "--duration", "2"]),
+        "no-debugfs record --tracefs": ([], UNMOUNT_DEBUGFS, ["record", "--tracefs", "--duration", "2"]),
+    }
+    results = {}
+    for n, (name, (prefix, unmount, args)) in enumerate(cases.items()):
+        trace = Path("/tmp") / f"bad-env-{n}.ndjson"  # /tmp: writable by the unprivileged case too
+        trace.unlink(missing_ok=True)
+        cmd = prefix + tool + args + ["-o", str(trace)]
+        if unmount:
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   f'{unmount}; exec "$@"', "sh", *cmd]
+        t0 = time.monotonic()
+        try:
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd="/tmp")
+            rc, stderr = r.returncode, r.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, stderr = "hung", (e.stderr or b"").decode(errors="replace")
+        results[name] = {"rc": rc, "stderr": stderr[-3000:], "seconds": round(time.monotonic() - t0, 1),
+                         "trace": trace.read_text(errors="replace")[:200_000] if trace.exists() else None}
+    (out / "bad-environments.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def attach_mid_stream(tool: list[str], out: Path, env: dict, seconds: int = 30) -> dict:
+    """`record` started while an LRU-churn workload runs: its compile and attach (minutes
+    in the VM) and its first events fall in the middle of operations, and the fallback's
+    slots hold keys it never saw programmed. lru-churn runs again and again until the
+    recording ends; the recording starts after the first run has filled the slots."""
+    stop, runs = threading.Event(), []
+
+    def churn() -> None:
+        while not stop.is_set():
+            w = subprocess.run([sys.executable, str(RUNNERS["fscrypt"]), "--scenario", "lru-churn", "--no-scan",
+                                "--report", "/dev/null"], capture_output=True, text=True)
+            runs.append({"rc": w.returncode, "end_ns": time.monotonic_ns(), "stderr": w.stderr[-500:]})
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    while not runs and worker.is_alive():
+        time.sleep(0.5)
+    log = out / "record-midstream.log"
+    t0 = time.monotonic()
+    rc = subprocess.run(tool + ["record", "--duration", str(seconds), "-o", str(out / "trace-midstream.ndjson")],
+                        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, timeout=900).returncode
+    stop.set()
+    worker.join()
+    return {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "workload_runs": runs}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -115,6 +186,10 @@ def main() -> int:
     ap.add_argument("--probe-type", action="append", choices=["auto", "fentry", "kprobe"],
                     help="one recorder per type (default: auto)")
     ap.add_argument("--tracefs", action="store_true", help="also capture with the tracefs script (busybox sh)")
+    ap.add_argument("--mid-stream", action="store_true",
+                    help="at the end, record while a workload is already running (trace-midstream.ndjson)")
+    ap.add_argument("--bad-environments", action="store_true",
+                    help="at the end, run the tool where it cannot trace (bad-environments.json)")
     ap.add_argument("--tool", required=True,
                     help="the installed keyslot-trace command (a wheel in a venv: tests/packaging.py)")
     args = ap.parse_args()
@@ -208,6 +283,10 @@ def main() -> int:
         nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "busybox", "sh",
                                  str(mine), "-o", "/tmp/nobody-capture.txt"], capture_output=True, text=True, cwd="/tmp")
         run["tracefs"]["as_nobody"] = {"rc": nobody.returncode, "stderr": nobody.stderr}
+    if args.mid_stream:
+        run["midstream"] = attach_mid_stream(tool, out, env)
+    if args.bad_environments:
+        bad_environments(tool, out, env)
     (out / "run.json").write_text(json.dumps(run, indent=1))
     return 1 if status or any(r["rc"] != 0 for r in run["record"].values()) else 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from replay.checker import Verdict, check
+from replay.checker import check
 from replay.trace import read_trace
 from tests.kernel.traces import history_differences, kernel_misses, verdict_is_sound
 from tracer.btf import BTF
