@@ -42,6 +42,9 @@
 #include <linux/rwsem.h>
 #include <linux/mutex.h>
 #include <linux/random.h>
+#include <linux/kthread.h>
+#include <linux/wait.h>
+#include <linux/sched/task.h>
 #include <crypto/skcipher.h>
 
 #ifndef CONFIG_BLK_INLINE_ENCRYPTION
@@ -198,6 +201,9 @@ struct ksdisk_stats {
 	atomic_t rq_plain, rq_crypt_slot, rq_crypt_passthrough, rq_flush, rq_errors;
 	atomic_t rq_unprogrammed_slot, passthrough_rekeys;
 	atomic_t inflight, max_inflight;
+	atomic_t flood_runs, flood_running, flood_submitted, flood_completed, flood_errors;
+	atomic_t flood_key_evicts, flood_max_inflight;
+	atomic64_t flood_elapsed_ns;
 	atomic64_t bytes_encrypted, bytes_decrypted;
 };
 
@@ -605,6 +611,253 @@ static const struct block_device_operations ksdisk_fops = {
 	.owner = THIS_MODULE,
 };
 
+/* ------------------------------------------------------------------ flood
+ *
+ * A high-rate source on the real keyslot path, with no userspace in the way
+ * (to find the rate at which a recorder starts to lose events): write
+ * "RATE,KEYS,SECONDS" to the flood parameter and a kernel thread submits
+ * 512-byte reads, each with an encryption context, to ksdisk0 for SECONDS, at
+ * RATE bios/s (0: as fast as FLOOD_INFLIGHT bios in flight allow), cycling
+ * through KEYS random keys.  So every bio goes through blk-crypto's get, put
+ * and, on a miss, program (KEYS > num_slots: every get misses).  At the end it
+ * waits for its bios and (6.x) evicts its keys.  The flood_* counters in stats
+ * are the ground truth.  512-byte data units keep the software crypto per bio
+ * small; REQ_NOMERGE keeps one request (one get and put) per bio; reads, because
+ * writeback throttling would pace writes.
+ *
+ * blk_crypto_init_key(), bio_crypt_set_ctx() and blk_crypto_start_using_key()
+ * are not exported to modules (only built-in fscrypt and dm use them), nor is
+ * 5.10's blk_crypto_evict_key().  So the key is filled in here as
+ * blk_crypto_init_key() does; one never-submitted template bio gets a context
+ * of ours, and each flood bio is a clone of it (bio_alloc_clone(), exported, as
+ * dm clones bios), which takes its context from blk-crypto's own mempool, where
+ * bio_endio() returns it; start_using_key is skipped (with native support it only
+ * checks what submit_bio checks again), and on 5.10 the keys are not evicted.  Key memory is kept until unload in every case, so
+ * a slot's stale key pointer can never match a new key.  Everything from
+ * submit_bio on (bio prep, get, program, put, evict) is the kernel's own.
+ */
+#define FLOOD_INFLIGHT 32
+
+/* 5.12 replaced bio->bi_disk by bio->bi_bdev; since 5.15 disk->part0 is the
+ * whole disk's struct block_device (which 6.x's blk-crypto calls take), and
+ * 5.18 gave bio_alloc() the device and op.  5.10's calls take the queue. */
+#if LINUX_VERSION_CODE < KERNEL_VERSION(5, 15, 0)
+#define KS_CAN_EVICT		0	/* blk_crypto_evict_key() not exported */
+#define ks_evict_key(disk, key)	do { } while (0)
+#else
+#define KS_CAN_EVICT		1
+#define ks_evict_key(disk, key)	blk_crypto_evict_key((disk)->part0, key)
+#endif
+
+/* what blk_crypto_init_key() does, for AES-256-XTS (5.10 to 6.12: same fields) */
+static void ks_init_key(struct blk_crypto_key *key, const u8 raw[64], unsigned int dus)
+{
+	memset(key, 0, sizeof(*key));
+	key->crypto_cfg.crypto_mode = BLK_ENCRYPTION_MODE_AES_256_XTS;
+	key->crypto_cfg.dun_bytes = 8;
+	key->crypto_cfg.data_unit_size = dus;
+	key->data_unit_size_bits = ilog2(dus);
+	key->size = 64;
+	memcpy(key->raw, raw, 64);
+}
+
+static struct bio *flood_bio_alloc(struct gendisk *disk)
+{
+#if LINUX_VERSION_CODE < KERNEL_VERSION(5, 18, 0)
+	struct bio *bio = bio_alloc(GFP_KERNEL, 1);
+
+	bio->bi_disk = disk;
+	bio->bi_partno = 0;
+	bio->bi_opf = REQ_OP_READ | REQ_NOMERGE;
+	return bio;
+#else
+	return bio_alloc(disk->part0, 1, REQ_OP_READ | REQ_NOMERGE, GFP_KERNEL);
+#endif
+}
+
+/* 5.18 replaced bio_clone_fast() by bio_alloc_clone(); both clone the crypt context */
+static struct bio *flood_clone(struct bio *tmpl)
+{
+#if LINUX_VERSION_CODE < KERNEL_VERSION(5, 18, 0)
+	return bio_clone_fast(tmpl, GFP_KERNEL, &fs_bio_set);
+#else
+	return bio_alloc_clone(tmpl->bi_bdev, tmpl, GFP_KERNEL, &fs_bio_set);
+#endif
+}
+
+struct ksdisk_flood {
+	struct ksdisk_flood *prev;	/* earlier floods: freed at unload */
+	struct ksdisk_dev *d;
+	unsigned int rate, nkeys, seconds;
+	atomic_t inflight;
+	wait_queue_head_t wait;
+	struct blk_crypto_key keys[];
+};
+
+static struct task_struct *flood_task;	/* under ksdisk_ctl_lock; a reference held */
+static struct ksdisk_flood *flood_last;	/* under ksdisk_ctl_lock */
+static bool flood_closed;		/* module exit began */
+
+static void flood_end_io(struct bio *bio)
+{
+	struct ksdisk_flood *f = bio->bi_private;
+
+	atomic_inc(&f->d->st.flood_completed);
+	if (bio->bi_status)
+		atomic_inc(&f->d->st.flood_errors);
+	bio_put(bio);
+	if (atomic_dec_return(&f->inflight) < FLOOD_INFLIGHT)
+		wake_up(&f->wait);
+}
+
+static int flood_fn(void *arg)
+{
+	struct ksdisk_flood *f = arg;
+	struct ksdisk_dev *d = f->d;
+	struct gendisk *disk = d->disk;
+	sector_t nsect = get_capacity(disk);
+	struct page *page = alloc_page(GFP_KERNEL);
+	struct bio_crypt_ctx *tmpl_bc = kzalloc(sizeof(*tmpl_bc), GFP_KERNEL);
+	struct bio *tmpl = NULL;
+	ktime_t t0 = ktime_get(), end = ktime_add_ns(t0, (u64)f->seconds * NSEC_PER_SEC);
+	unsigned int i;
+	u64 n;
+
+	if (page && tmpl_bc) {
+		tmpl = flood_bio_alloc(disk);
+		__bio_add_page(tmpl, page, SECTOR_SIZE, 0);	/* 1 vec, room for it */
+		tmpl_bc->bc_key = &f->keys[0];
+		tmpl->bi_crypt_context = tmpl_bc;
+	}
+	for (n = 0; tmpl && !kthread_should_stop(); n++) {
+		ktime_t now = ktime_get();
+		struct bio *bio;
+
+		if (!ktime_before(now, end))
+			break;
+		if (f->rate) {
+			ktime_t due = ktime_add_ns(t0, div_u64(n * NSEC_PER_SEC, f->rate));
+
+			if (ktime_before(now, due)) {
+				set_current_state(TASK_INTERRUPTIBLE);
+				schedule_hrtimeout_range(&due, 20 * NSEC_PER_USEC, HRTIMER_MODE_ABS);
+				if (kthread_should_stop())
+					break;
+			}
+		}
+		wait_event_interruptible(f->wait, atomic_read(&f->inflight) < FLOOD_INFLIGHT ||
+					 kthread_should_stop());
+		if (kthread_should_stop())
+			break;
+		bio = flood_clone(tmpl);
+		if (!bio)
+			break;
+		bio->bi_iter.bi_sector = n % nsect;
+		bio->bi_crypt_context->bc_key = &f->keys[n % f->nkeys];
+		bio->bi_crypt_context->bc_dun[0] = n % nsect;
+		bio->bi_end_io = flood_end_io;
+		bio->bi_private = f;
+		atomic_max(&d->st.flood_max_inflight, atomic_inc_return(&f->inflight));
+		atomic_inc(&d->st.flood_submitted);
+		submit_bio(bio);
+		cond_resched();
+	}
+	wait_event(f->wait, atomic_read(&f->inflight) == 0);
+	atomic64_set(&d->st.flood_elapsed_ns, ktime_to_ns(ktime_sub(ktime_get(), t0)));
+	for (i = 0; i < f->nkeys && KS_CAN_EVICT; i++) {
+		ks_evict_key(disk, &f->keys[i]);
+		atomic_inc(&d->st.flood_key_evicts);
+	}
+	if (tmpl) {
+		tmpl->bi_crypt_context = NULL;	/* ours, not from blk-crypto's mempool */
+		bio_put(tmpl);
+	}
+	kfree(tmpl_bc);
+	if (page)
+		__free_page(page);
+	atomic_set(&d->st.flood_running, 0);
+	return 0;
+}
+
+/* Stop a flood thread (it may have finished already); under ksdisk_ctl_lock. */
+static void flood_reap(void)
+{
+	if (flood_task) {
+		kthread_stop(flood_task);
+		put_task_struct(flood_task);
+		flood_task = NULL;
+	}
+}
+
+static int flood_set(const char *val, const struct kernel_param *kp)
+{
+	unsigned int rate, nkeys, seconds, i;
+	struct ksdisk_flood *f;
+	u8 raw[64];
+	int err = 0;
+
+	if (sscanf(val, "%u,%u,%u", &rate, &nkeys, &seconds) != 3 || !nkeys || nkeys > 1024 ||
+	    !seconds || seconds > 3600)
+		return -EINVAL;
+	mutex_lock(&ksdisk_ctl_lock);
+	if (!ksdisk || flood_closed || !ksdisk->num_slots) {
+		err = -ENODEV;
+		goto out;
+	}
+	if (atomic_read(&ksdisk->st.flood_running)) {
+		err = -EBUSY;
+		goto out;
+	}
+	flood_reap();
+	f = kzalloc(struct_size(f, keys, nkeys), GFP_KERNEL);
+	if (!f) {
+		err = -ENOMEM;
+		goto out;
+	}
+	f->d = ksdisk;
+	f->rate = rate;
+	f->nkeys = nkeys;
+	f->seconds = seconds;
+	atomic_set(&f->inflight, 0);
+	init_waitqueue_head(&f->wait);
+	for (i = 0; i < nkeys; i++) {
+		get_random_bytes(raw, sizeof(raw));
+		ks_init_key(&f->keys[i], raw, SECTOR_SIZE);
+	}
+	memzero_explicit(raw, sizeof(raw));
+	atomic_set(&ksdisk->st.flood_running, 1);
+	atomic_inc(&ksdisk->st.flood_runs);
+	flood_task = kthread_create(flood_fn, f, "ksdisk-flood");
+	if (IS_ERR(flood_task)) {
+		err = PTR_ERR(flood_task);
+		flood_task = NULL;
+		atomic_set(&ksdisk->st.flood_running, 0);
+		kfree_sensitive(f);
+		goto out;
+	}
+	f->prev = flood_last;
+	flood_last = f;
+	get_task_struct(flood_task);	/* kthread_stop() after it returned on its own */
+	wake_up_process(flood_task);
+out:
+	mutex_unlock(&ksdisk_ctl_lock);
+	return err;
+}
+
+static int flood_get(char *buf, const struct kernel_param *kp)
+{
+	struct ksdisk_dev *d = READ_ONCE(ksdisk);
+
+	return sysfs_emit(buf, "%d\n", d ? atomic_read(&d->st.flood_running) : 0);
+}
+
+static const struct kernel_param_ops flood_ops = {
+	.set = flood_set,
+	.get = flood_get,
+};
+module_param_cb(flood, &flood_ops, NULL, 0644);
+MODULE_PARM_DESC(flood, "write RATE,KEYS,SECONDS: a kernel thread submits 512-byte encrypted reads at RATE/s (0: max), cycling KEYS keys; reads 1 while it runs");
+
 /* ------------------------------------------------------------------ control params */
 
 static int reprogram_all_get(char *buf, const struct kernel_param *kp)
@@ -726,10 +979,14 @@ static int stats_get(char *buf, const struct kernel_param *kp)
 	S(rq_plain); S(rq_crypt_slot); S(rq_crypt_passthrough); S(rq_flush); S(rq_errors);
 	S(rq_unprogrammed_slot); S(passthrough_rekeys);
 	S(inflight); S(max_inflight);
+	S(flood_runs); S(flood_running); S(flood_submitted); S(flood_completed); S(flood_errors);
+	S(flood_key_evicts); S(flood_max_inflight);
 #undef S
 	n += scnprintf(buf + n, PAGE_SIZE - n, "bytes_encrypted=%lld\nbytes_decrypted=%lld\n",
 		       (long long)atomic64_read(&st->bytes_encrypted),
 		       (long long)atomic64_read(&st->bytes_decrypted));
+	n += scnprintf(buf + n, PAGE_SIZE - n, "flood_elapsed_ns=%lld\n",
+		       (long long)atomic64_read(&st->flood_elapsed_ns));
 	n += scnprintf(buf + n, PAGE_SIZE - n, "program_seq=%d\n", atomic_read(&program_seq));
 	for (i = 0; i < d->num_slots && n < PAGE_SIZE - 128; i++) {
 		struct ksdisk_slot *s = &d->slots[i];
@@ -991,6 +1248,10 @@ static void __exit ksdisk_exit(void)
 {
 	struct ksdisk_dev *d = ksdisk;
 
+	mutex_lock(&ksdisk_ctl_lock);
+	flood_closed = true;
+	flood_reap();	/* waits for its bios and evicts its keys */
+	mutex_unlock(&ksdisk_ctl_lock);
 	del_gendisk(d->disk);
 	mutex_lock(&ksdisk_ctl_lock);
 	ksdisk = NULL;
@@ -1000,6 +1261,12 @@ static void __exit ksdisk_exit(void)
 	unregister_blkdev(ksdisk_major, KSDISK_NAME);
 	destroy_workqueue(ksdisk_wq);
 	ks_profile_destroy(&d->profile);
+	while (flood_last) {	/* no slot points at their keys any more */
+		struct ksdisk_flood *f = flood_last;
+
+		flood_last = f->prev;
+		kfree_sensitive(f);
+	}
 	ksdisk_free_dev(d);
 }
 
