@@ -21,7 +21,8 @@
  *
  * Fault and timing knobs, all writable at runtime under
  * /sys/module/ksdisk/parameters/ (see README.md): fail_program_nth,
- * fail_program_repeat, program_delay_us, fail_evict, reprogram_all, hold_ms.
+ * fail_program_repeat, program_delay_us, fail_evict, reprogram_all, hold_ms;
+ * flood starts a kernel thread submitting encrypted bios at a set rate.
  * Counters: /sys/module/ksdisk/parameters/stats (read-only).
  *
  * Test code only.  Key bytes are used to key the tfms and are never logged.
