@@ -155,8 +155,11 @@ def window_slice(header: str, events: list[dict], t0: int, t1: int) -> str:
             profiles[e["p"]]["device"] = e["device"]
     out = [header] + [json.dumps(p) for p in profiles.values()]
     for e in events:
-        if e["ev"] not in NOT_EVENTS - {"lost"} and t0 <= e["t"] < t1:
-            out.append(json.dumps({**e, "since": max(e["since"], t0)} if "since" in e else e))
+        if e["ev"] == "lost" and t0 <= e.get("since", e["t"]) < t1:
+            # where the loss began (see analyse), reported perhaps after t1: inside [since, t1)
+            out.append(json.dumps({**e, "t": min(e["t"], t1 - 1), "since": max(e.get("since", e["t"]), t0)}))
+        elif e["ev"] not in NOT_EVENTS and t0 <= e["t"] < t1:
+            out.append(json.dumps(e))
     return "\n".join(out) + "\n"
 
 
@@ -270,14 +273,17 @@ def report(args, out: Path) -> None:
           + "; ".join(f"{pt} attach {run['attach_s']} s, recorder CPU {run['cpu_s']} s"
                       for pt, run in res["runs"].items())
           + ("; dmesg: " + " | ".join(res["dmesg_bad"]) if res["dmesg_bad"] else ""))
-    print("| probe | rate asked | achieved bios/s | events recorded (/s) | kernel events | lost (why) "
+    print("| probe | rate asked | achieved bios/s | events recorded (/s) | kernel events | lost reported (why) "
           "| trace + lost = kernel | replay |")
     print("|---|---|---|---|---|---|---|---|")
     for x in rows:
+        gap = x["truth"] - x["events"] - x["lost"]
         print(f"| {x['probe']} | {x['rate'] or 'max'} | {x['achieved']:,.0f} | {x['events']:,} "
               f"({x['events_s']:,.0f}/s) | {x['truth']:,} | {x['lost']:,}"
               f"{' (' + ', '.join(x['why']) + ')' if x['why'] else ''} | "
-              f"{'yes' if x['match'] else 'no'}: {x['detail']} | {x['verdict']} |")
+              + ("yes" if x["match"] else f"no: {gap:,} lost unreported" if gap > 0 else f"no: {x['detail']}")
+              + f" | {x['verdict']} |")
+    print(f"(per kind: {out / 'rows.json'})")
 
 
 if __name__ == "__main__":

@@ -37,9 +37,13 @@ def test_window_slice_declares_profiles_at_its_start():
     events = [{"t": 5, "ev": "profile_init", "p": "p1", "num_slots": 4},
               {"t": 6, "ev": "profile_register", "p": "p1", "device": "ksdisk0"},
               {"t": 5, "ev": "get_call", "p": "p1"}, {"t": 20, "ev": "get_call", "p": "p1"},
-              {"t": 25, "ev": "lost", "p": None, "count": 3, "since": 12}, {"t": 40, "ev": "put_call", "p": "p1"}]
+              {"t": 25, "ev": "lost", "p": None, "count": 3, "since": 12}, {"t": 40, "ev": "put_call", "p": "p1"},
+              {"t": 45, "ev": "lost", "p": None, "count": 2, "since": 22}]
     lines = lr.window_slice('{"format": 1}', events, 15, 30).splitlines()
     assert lines[0] == '{"format": 1}'
     recs = [json.loads(x) for x in lines[1:]]
+    # the loss that began before the window is the previous window's; the one reported
+    # after it began inside: it is this window's, ending with it
     assert [r["ev"] for r in recs] == ["profile_attach", "get_call", "lost"]
-    assert recs[0]["t"] == 15 and recs[0]["device"] == "ksdisk0" and recs[2]["since"] == 15
+    assert recs[0]["t"] == 15 and recs[0]["device"] == "ksdisk0"
+    assert (recs[2]["count"], recs[2]["since"], recs[2]["t"]) == (2, 22, 29)
