@@ -295,8 +295,11 @@ def report(args, out: Path) -> None:
         print(f"| {x['probe']} | {x['rate'] or 'max'} | {x['achieved']:,.0f} | {x['events']:,} "
               f"({x['events_s']:,.0f}/s) | {x['truth']:,} | {x['lost']:,}"
               f"{' (' + ', '.join(x['why']) + ')' if x['why'] else ''} | "
-              + ("yes" if x["match"] else f"no: {gap:,} lost unreported" if gap > 0 else f"no: {x['detail']}")
+              + ("yes" if x["match"] else f"no: {gap:,} lost unreported" if gap > 0
+                 else f"no: {-gap:,} more reported lost than missing" if "more than happened" not in x["detail"]
+                 else f"no: {x['detail']}")
               + f" | {x['verdict']} |")
+    print()
     for pt in res["runs"]:
         mine = [x for x in rows if x["probe"] == pt]
         truth, events, lost = (sum(x[k] for x in mine) for k in ("truth", "events", "lost"))
