@@ -140,7 +140,7 @@ def check_profile(h: ProfileHistory, flavour: str, budget: int = DEFAULT_BUDGET,
     res = ProfileResult(h.profile, h.device, h.num_slots, Verdict.AGREE)
     if h.num_slots is None:
         res.verdict = Verdict.UNKNOWN
-        res.unknown_reason = "the profile was never initialised in the trace and the header does not give its slot count"
+        res.unknown_reason = NO_SLOT_COUNT
         return res
     step = model.step
     n = h.num_slots
@@ -230,17 +230,28 @@ def check_profile(h: ProfileHistory, flavour: str, budget: int = DEFAULT_BUDGET,
         # DESTROY frees memory only (reference section 3.4): nothing to check.
     if progress is not None:
         progress(done % 4096)
-    if res.resyncs:
+    if why := why_unknown(res.resyncs, h.unexplained[:1], len(h.unexplained)):
         res.verdict = Verdict.UNKNOWN
-        res.unknown_reason = f"events were lost ({res.resyncs} time(s)); the profile was resynchronised"
-    elif h.unexplained:
-        res.verdict = Verdict.UNKNOWN
-        more = f" (and {len(h.unexplained) - 1} more)" if len(h.unexplained) > 1 else ""
-        res.unknown_reason = f"events are missing: {h.unexplained[0]}{more}"
+        res.unknown_reason = why
     states = {s for s, _ in configs}
     if len(states) == 1:
         res.final_state = model.describe_state(next(iter(states)))
     return res
+
+
+NO_SLOT_COUNT = "the profile was never initialised in the trace and the header does not give its slot count"
+
+
+def why_unknown(resyncs: int, unexplained: list[str], n_unexplained: int) -> str | None:
+    """Why a profile that did not diverge is UNKNOWN: losses, or events missing with no loss
+    reported (``unexplained``: the first of them, if any). One text for check_profile and the
+    streaming engines (replay/streamcheck.py), which keep only the first."""
+    if resyncs:
+        return f"events were lost ({resyncs} time(s)); the profile was resynchronised"
+    if unexplained:
+        more = f" (and {n_unexplained - 1} more)" if n_unexplained > 1 else ""
+        return f"events are missing: {unexplained[0]}{more}"
+    return None
 
 
 def _linearize(configs: set, inflight: dict[int, OpRecord], target: OpRecord, flavour: str, budget: int) -> set:
