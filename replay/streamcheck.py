@@ -40,8 +40,10 @@ import orjson
 
 from probes.events import EventKind
 from replay import model
-from replay.checker import DEFAULT_BUDGET, MAX_CONFIGS, ProfileResult, Result, Verdict, _BudgetExhausted, _linearize, check
-from replay.history import _CLOSERS, _OPENERS, _PARENTS, OpRecord, _unpaired, thread_key, to_model_op
+from replay.checker import (DEFAULT_BUDGET, MAX_CONFIGS, NO_SLOT_COUNT, ProfileResult, Result, Verdict, _BudgetExhausted,
+                            _linearize, check, why_unknown)
+from replay.history import (_CLOSERS, _OPENERS, _PARENTS, CALL, INIT, RESYNC, RETURN, OpRecord, _unpaired, thread_key,
+                            to_model_op)
 from replay.trace import (BINARY_PROBE, STDIN, STREAM_WINDOW, Event, Header, TraceFormatError, _chunks, _close,
                           _open, _parse_header, parse_trace, read_trace, stream_trace)
 
@@ -63,7 +65,12 @@ class NotCompiled(Unsupported):
     """Only the compiled engine cannot stream this trace (a limit of its own): the Python one may."""
 
 
-_CALL, _RETURN, _INIT = 0, 1, 2
+#: Points each profile keeps unchecked. history.build places some points back in time: a loss
+#: window's start (`since`), the call of a return whose call was not seen (at the last loss, or
+#: at the profile's first point), a driver callback judged only at its thread's next event. Held
+#: points can still be put before; a point that would go before one already checked cannot, and
+#: that trace is checked whole (Unsupported). Memory: a few hundred bytes a point, per profile.
+HOLD = 16_384
 _EMPTY = frozenset()
 
 
@@ -72,156 +79,310 @@ class _Profile:
     id: str
     num_slots: int | None = None
     device: str | None = None
-    inited: bool = False
+    from_start: bool = False  # initialised in the trace (history.ProfileHistory.from_start)
+    init_t: int | None = None
+    first_t: int | None = None  # the time of its first point, and of its last loss (history._first_t)
+    resync_t: int | None = None
+    unexplained: list = field(default_factory=list)  # the first of ProfileHistory.unexplained,
+    n_unexplained: int = 0  # and how many
+    queue: deque = field(default_factory=deque)  # points (t, order, seq, kind, payload) in checker order, unchecked
+    full: bool = False  # holds more than HOLD points
+    done: tuple | None = None  # (t, order) of the last point checked: no point can go before it now
+    start: tuple | None = None  # (from_start, num_slots) when its first point was checked
+    # checker.check_profile's variables
+    n: int = 0
     configs: set = field(default_factory=set)
     inflight: dict = field(default_factory=dict)  # id -> OpRecord whose CALL was checked, not its RETURN
-    waiting: int = 0  # of those, how many have not returned in the trace yet
-    queue: deque = field(default_factory=deque)  # points in checker order, not checked yet
-    now: list = field(default_factory=list)  # points at the current time, ordered when time moves on
+    waiting: int = 0  # of those, how many have no end yet (op None): a RETURN waits for their outcome
+    lenient_until: int = -1
+    resyncs: int = 0
     ops_checked: int = 0
     max_inflight: int = 0
 
 
 class StreamChecker:
     """Feed events in time order (stream_trace's), then finish(): the profiles' results, or
-    Unsupported as soon as the trace leaves what it handles."""
+    Unsupported as soon as the trace leaves what it handles.
+
+    Pairing is history.build's, event by event, with the same ids; each profile's points are
+    kept in build's order (time, then calls, inits and window starts before returns, losses
+    last, then as appended) in a queue, and checked by check_profile's rules from its front
+    once HOLD newer points are behind them (see HOLD) and every operation in flight with a
+    return has ended."""
 
     def __init__(self, header: Header, flavour: str, budget: int,
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], None] | None = None, hold: int | None = None):
         self.flavour, self.budget, self.progress = flavour, budget, progress
-        self.profiles: dict[str, _Profile] = {p.id: _Profile(p.id, None, p.device) for p in header.profiles}
-        self.header_ids = {p.id for p in header.profiles}
-        self.open_ops: dict[tuple, list[OpRecord]] = {}
-        self.ids = 0
+        self.hold = HOLD if hold is None else hold
+        self.profiles: dict[str, _Profile] = {p.id: _Profile(p.id, p.num_slots, p.device) for p in header.profiles}
+        self.open_ops: dict[tuple, list[OpRecord]] = {}  # (empty stacks are dropped: memory)
+        self.stray: dict[tuple, OpRecord] = {}
+        self.thread_last: dict[tuple, int] = {}
+        self.last_marker_t = -1
+        self.ids = self.seq = 0
         self.t = -1
-        self.moved: list[_Profile] = []  # profiles with points at the current time
-        self.events = 0
-        self.done = 0
+        self.full: list[_Profile] = []
+        self.events = self.lost = self.done = 0
+
+    # -- pairing: history.build, an event at a time ---------------------------------------------
 
     def feed(self, ev: Event) -> None:
         if ev.t != self.t:
             if ev.t < self.t:
                 raise Unsupported(f"line {ev.line}: out of time order")
-            self._time_moves_on()
             self.t = ev.t
+            if self.full:  # (points at the time just passed are complete: nothing comes between them)
+                for h in self.full:
+                    self._drain(h, self.hold)
+                    h.full = len(h.queue) > self.hold
+                self.full = [h for h in self.full if h.full]
         self.events += 1
         kind = ev.kind
         if kind is EventKind.lost:
-            raise Unsupported(f"line {ev.line}: events were lost")
-        h = self.profiles.get(ev.profile)
-        if h is None:
-            h = self.profiles[ev.profile] = _Profile(ev.profile)
-        if kind is EventKind.profile_init:
-            if h.inited or h.id in self.header_ids:
-                raise Unsupported(f"line {ev.line}: a profile initialised twice, or listed in the header")
-            h.inited, h.num_slots, h.device = True, ev.num_slots, ev.device or h.device
-            self._point(h, (_INIT, ev))
-            return
-        if kind is EventKind.profile_register:
-            h.device = ev.device
-            return
-        if kind is EventKind.profile_destroy:
-            return  # (frees memory only: checker.check checks nothing there)
-        if not h.inited:
-            raise Unsupported(f"line {ev.line}: an event of a profile not created in the trace")
+            return self._lost(ev)
+        h = self._hist(ev.profile)
         k = thread_key(ev)
-        stack = self.open_ops.get(k)
-        if stack is None:
-            stack = self.open_ops[k] = []
-        if kind in _OPENERS:
+        stack = self.open_ops.get(k) or []
+        seen_before = self._all_seen(h, k)
+        if k in self.stray and kind not in _PARENTS and kind not in _CLOSERS and kind is not EventKind.put_call:
+            self._settle(k)
+        if kind is EventKind.profile_init:
+            h.num_slots, h.from_start, h.init_t = ev.num_slots, True, ev.t
+            h.device = ev.device or h.device
+            if h.start is not None and h.start != (True, ev.num_slots):
+                raise Unsupported(f"line {ev.line}: a profile initialised after its check began (attach anytime)")
+            self._add(h, ev.t, 0, INIT, ev)
+        elif kind is EventKind.profile_attach:
+            if h.num_slots is None:
+                h.num_slots = ev.num_slots
+            h.device = ev.device or h.device
+        elif kind is EventKind.profile_register:
+            h.device = ev.device
+        elif kind is EventKind.profile_destroy:
+            if h.first_t is None:  # (its DESTROY point frees memory only: checker.check checks nothing there)
+                h.first_t = ev.t
+        elif kind in _OPENERS:
+            self.thread_last[k] = ev.t
             if stack and (kind is not EventKind.put_call or any(r.kind == "put" for r in stack)):
-                raise Unsupported(f"line {ev.line}: a call inside an operation that never returned")
+                while stack:
+                    self._never_returned(h, stack.pop(), ev.t, "the thread's next call came first")
             self.ids += 1
             rec = OpRecord(self.ids, _OPENERS[kind], ev.profile, ev.tid, ev.cpu, ev)
             stack.append(rec)
-            self._point(h, (_CALL, rec))
+            self.open_ops[k] = stack
+            self._add(h, ev.t, 0, CALL, rec)
         elif kind in _CLOSERS:
-            name = _CLOSERS[kind]
-            if not stack or stack[-1].kind != name or (ev.key is not None and stack[-1].call.key != ev.key):
-                raise Unsupported(f"line {ev.line}: a return without its call, or over an open call")
+            self._close_op(h, k, stack, ev, seen_before)
+        else:
+            self._callback(h, k, stack, ev, seen_before)
+
+    def _hist(self, pid: str) -> _Profile:
+        h = self.profiles.get(pid)
+        if h is None:
+            h = self.profiles[pid] = _Profile(pid)
+        return h
+
+    def _all_seen(self, h: _Profile, k: tuple) -> str | None:
+        if h.init_t is not None and h.init_t > self.last_marker_t:
+            return "the profile was created in the trace"
+        if self.thread_last.get(k, -1) > self.last_marker_t:
+            return "this thread's earlier calls on the profile were seen"
+        return None
+
+    def _lost(self, ev: Event) -> None:
+        self.lost += ev.count or 0
+        for h in self.profiles.values():
+            if ev.since is not None:
+                self._add(h, ev.since, 0, RESYNC, ev)
+            self._add(h, ev.t, 2, RESYNC, ev)
+            h.resync_t = ev.t
+        for stack in self.open_ops.values():
+            for rec in stack:
+                rec.incomplete = True
+        for k in list(self.stray):
+            self._settle(k)
+        self.last_marker_t = ev.t
+        # every call seen so far is at or before the marker: all_seen no longer counts any (and
+        # forgetting them bounds this dict by the threads active since the last loss)
+        self.thread_last.clear()
+
+    def _close_op(self, h: _Profile, k: tuple, stack: list, ev: Event, seen_before: str | None) -> None:
+        name = _CLOSERS[ev.kind]
+        i = next((i for i in range(len(stack) - 1, -1, -1) if stack[i].kind == name
+                  and (ev.key is None or stack[i].call is None or stack[i].call.key == ev.key)), None)
+        if i is not None:
+            if name != "put":
+                self._settle(k)
+            while len(stack) > i + 1:
+                self._never_returned(h, stack.pop(), ev.t, f"the {name} it was inside returned first")
             rec = stack.pop()
-            if not stack:
-                del self.open_ops[k]
-            rec.ret = ev
-            rec.op = to_model_op(rec)
-            if rec.impossible is not None or _unpaired(rec.subs):
-                raise Unsupported(f"line {ev.line}: events no kernel makes, or missing")
-            if rec.id in h.inflight:
-                h.waiting -= 1
-            self._point(h, (_RETURN, rec))
-        else:  # a driver callback: the innermost operation of its thread that makes them
-            parent = next((r for r in reversed(stack) if r.kind != "put"), None)
-            if parent is None:
-                if kind in (EventKind.program_call, EventKind.drv_evict_call) and not (
-                        kind is EventKind.drv_evict_call and ev.key is None):
-                    raise Unsupported(f"line {ev.line}: a driver callback outside any operation")
-                # rule 9 (a driver clearing its slots at probe), or a return whose call came with
-                # no operation around it: history.build attaches neither to anything
-                return
-            if parent.kind not in _PARENTS[kind] or (
-                    kind is EventKind.program_call and parent.kind == "get"
-                    and any(s.kind is EventKind.program_call for s in parent.subs)):
-                raise Unsupported(f"line {ev.line}: a driver callback no kernel makes")
+            self._finish_op(h, rec, ev, ev.t)
+            if not rec.incomplete and (why := _unpaired(rec.subs)):
+                self._unexplained(h, f"{why} (in the {name} called at line {rec.call.line}) and no loss was reported")
+        else:  # its call predates the trace or a loss: placed back at the last loss, or the profile's first point
+            for rec in [r for r in stack if r.kind == name]:
+                stack.remove(rec)
+                self._never_returned(h, rec, ev.t, f"a {name} of another key returned")
+            if seen_before:
+                self._unexplained(h, f"the {name} returning at line {ev.line} has no call ({seen_before}) "
+                                     "and no loss was reported")
+            self.ids += 1
+            rec = OpRecord(self.ids, name, ev.profile, ev.tid, ev.cpu, None, incomplete=True)
+            cb = self.stray.get(k)
+            if cb is not None and name in _PARENTS[cb.call.kind] and (name == "reprogram" or cb.call.key == ev.key):
+                rec.subs = self.stray.pop(k).subs
+            self._settle(k)
+            first = h.resync_t if h.resync_t is not None else 0 if h.first_t is None else min(h.first_t, ev.t)
+            self._add(h, first, 0, CALL, rec)
+            self._finish_op(h, rec, ev, ev.t)
+        if not stack:
+            self.open_ops.pop(k, None)
+
+    def _callback(self, h: _Profile, k: tuple, stack: list, ev: Event, seen_before: str | None) -> None:
+        kind = ev.kind
+        parent = next((r for r in reversed(stack) if r.kind != "put"), None)
+        what = "program" if kind in (EventKind.program_call, EventKind.program_return) else "evict"
+        if parent is not None and parent.incomplete:
             parent.subs.append(ev)
+        elif parent is not None and parent.kind in _PARENTS[kind]:
+            if (kind is EventKind.program_call and parent.kind == "get"
+                    and any(s.kind is EventKind.program_call for s in parent.subs)):
+                parent.impossible = parent.impossible or (
+                    f"get {parent.call.key if parent.call else ''} called the driver's program a second time "
+                    f"(slot {ev.slot}, line {ev.line}): a get programs at most once (rule 3)")
+            parent.subs.append(ev)
+        elif parent is not None:
+            parent.impossible = parent.impossible or (
+                f"{parent.kind} called the driver's {what} callback (line {ev.line}): only get and "
+                "reprogram_all program a slot, only evict evicts one")
+        elif kind is EventKind.drv_evict_call and ev.key is None:
+            pass  # rule 9: a driver clearing its slots at probe is no manager operation
+        elif k in self.stray:
+            self.stray[k].subs.append(ev)
+        elif seen_before and kind in (EventKind.program_call, EventKind.drv_evict_call):
+            self.ids += 1
+            inside = ", inside a put (puts make none)" if stack else ""
+            self.stray[k] = OpRecord(self.ids, "callback", ev.profile, ev.tid, ev.cpu, ev, ev, [ev], impossible=(
+                f"the driver's {what} callback at line {ev.line} ran outside any get, evict or "
+                f"reprogram_all of its thread{inside} ({seen_before}, no loss reported)"))
+        elif not seen_before:
+            self.ids += 1
+            self.stray[k] = OpRecord(self.ids, "callback", ev.profile, ev.tid, ev.cpu, ev, ev, [ev])
 
-    def _point(self, h: _Profile, point: tuple) -> None:
-        if not h.now:
-            self.moved.append(h)
-        h.now.append(point)
+    def _settle(self, k: tuple) -> None:
+        rec = self.stray.pop(k, None)
+        if rec is not None and rec.impossible is not None:
+            self._add(self._hist(rec.profile), rec.call.t, 1, RETURN, rec)
 
-    def _time_moves_on(self) -> None:
-        """The points at the time just passed are complete: queue them in checker order
-        (history.build sorts by time, then calls and inits before returns, stably)."""
-        for h in self.moved:
-            h.queue.extend(p for p in h.now if p[0] != _RETURN)
-            h.queue.extend(p for p in h.now if p[0] == _RETURN)
-            h.now.clear()
-            self._drain(h)
-        self.moved.clear()
+    def _never_returned(self, h: _Profile, rec: OpRecord, t: int, why: str) -> None:
+        rec.incomplete = True
+        self._unexplained(h, f"the return of the {rec.kind} at line {rec.line} was never seen ({why}) "
+                             "and no loss was reported")
+        self._finish_op(h, rec, None, t)
 
-    def _drain(self, h: _Profile) -> None:
-        """Check the queued points in order, up to a return that must wait for the outcome
-        of an operation in flight with it."""
-        queue, inflight = h.queue, h.inflight
-        while queue:
-            what, payload = queue[0]
-            if what == _RETURN and h.waiting:
+    @staticmethod
+    def _unexplained(h: _Profile, why: str) -> None:
+        if not h.unexplained:
+            h.unexplained.append(why)
+        h.n_unexplained += 1
+
+    def _finish_op(self, h: _Profile, rec: OpRecord, ret: Event | None, t: int) -> None:
+        rec.ret = ret
+        self._ended(h, rec)
+        self._add(h, t, 1, RETURN, rec)
+
+    @staticmethod
+    def _ended(h: _Profile, rec: OpRecord) -> None:
+        rec.op = to_model_op(rec)
+        if rec.id in h.inflight:
+            h.waiting -= 1
+
+    def _add(self, h: _Profile, t: int, order: int, kind: int, payload) -> None:
+        """Queue a point where build's sort puts it (stably: after those at the same time and order)."""
+        if h.first_t is None:
+            h.first_t = t
+        if h.done is not None and h.done > (t, order):
+            raise Unsupported(f"line {payload.line}: a point goes before one already checked (more than "
+                              f"{self.hold:,} points back: a loss window or a call before the trace reaching far)")
+        self.seq += 1
+        point = (t, order, self.seq, kind, payload)
+        q = h.queue
+        if not q or q[-1][0] < t or (q[-1][0] == t and q[-1][1] <= order):
+            q.append(point)
+        else:  # back in time: walk from the newest (reversed: a deque's middle is slow to index)
+            behind = next(j for j, p in enumerate(reversed(q)) if p[0] < t or (p[0] == t and p[1] <= order)) \
+                if q[0][0] < t or (q[0][0] == t and q[0][1] <= order) else len(q)
+            q.insert(len(q) - behind, point)
+        if len(q) > self.hold and not h.full:
+            h.full = True
+            self.full.append(h)
+
+    # -- checking: checker.check_profile, a point at a time ---------------------------------------
+
+    def _drain(self, h: _Profile, keep: int) -> None:
+        """Check the queued points in order while more than ``keep`` are queued (0: all, at the
+        end), up to a return that must wait for the outcome of an operation in flight with it."""
+        q = h.queue
+        while len(q) > keep:
+            t, order, _, kind, payload = q[0]
+            if keep and t >= self.t:
+                return  # a point may still come before it
+            if kind == RETURN and h.waiting:
                 return
-            queue.popleft()
-            if what == _CALL:
-                inflight[payload.id] = payload
-                if payload.ret is None and not payload.incomplete:
+            if h.start is None:
+                if h.num_slots is None:
+                    raise Unsupported(f"profile {h.id}: no slot count yet, {len(q):,} points in")
+                h.start, h.n = (h.from_start, h.num_slots), h.num_slots
+                h.configs = {(model.initial_state(h.n) if h.from_start else model.unknown_state(h.n), _EMPTY)}
+            q.popleft()
+            h.done = (t, order)
+            if kind == CALL:
+                h.inflight[payload.id] = payload
+                if payload.op is None:
                     h.waiting += 1
-                if len(inflight) > h.max_inflight:
-                    h.max_inflight = len(inflight)
-            elif what == _RETURN:
-                self._check_return(h, payload)
+                if len(h.inflight) > h.max_inflight:
+                    h.max_inflight = len(h.inflight)
+            elif kind == RETURN:
+                self._check_return(h, t, payload)
+            elif kind == RESYNC:  # lost events: nothing about the slots is known from here
+                h.resyncs += 1
+                h.configs = {(model.unknown_state(h.n), _EMPTY)}
+                if payload.since is not None:
+                    h.lenient_until = max(h.lenient_until, payload.t)
             else:
                 h.configs = {(model.initial_state(payload.num_slots), _EMPTY)}
+                h.n = payload.num_slots
 
-    def _check_return(self, h: _Profile, rec: OpRecord) -> None:
-        # checker.check_profile's RETURN, for the outcome AGREE (no loss window is open here)
-        configs = h.configs
-        if len(h.inflight) == 1 and len(configs) == 1:
-            (state, lin), = configs
-            if not lin:
-                nxt = model.step(state, rec.op, self.flavour)
-                if not nxt.states:
-                    raise Unsupported(f"line {rec.line}: the model does not explain it")
-                h.configs = {(s, _EMPTY) for s in nxt.states}
-                self._checked(h, rec)
-                return
-        try:
-            new = _linearize(configs, h.inflight, rec, self.flavour, self.budget)
-        except _BudgetExhausted:
-            raise Unsupported(f"line {rec.line}: search budget exhausted") from None
-        if not new:
-            raise Unsupported(f"line {rec.line}: no order explains it")
-        h.configs = new
-        self._checked(h, rec)
-
-    def _checked(self, h: _Profile, rec: OpRecord) -> None:
-        del h.inflight[rec.id]
+    def _check_return(self, h: _Profile, t: int, rec: OpRecord) -> None:
+        # check_profile's RETURN; a divergence inside a loss window is a resync, any other is left
+        # to checker.check, which reads the trace whole to write its report
+        inflight, configs = h.inflight, h.configs
+        if rec.impossible is not None and not rec.incomplete:
+            if t <= h.lenient_until:
+                inflight.pop(rec.id, None)
+                return self._resync_in_window(h)
+            raise Unsupported(f"line {rec.line}: events no kernel makes")
+        if len(inflight) == 1 and len(configs) == 1 and not next(iter(configs))[1]:
+            (state, _), = configs
+            nxt = model.step(state, rec.op, self.flavour)
+            if not nxt.states:
+                if t <= h.lenient_until:
+                    del inflight[rec.id]
+                    return self._resync_in_window(h)
+                raise Unsupported(f"line {rec.line}: the model does not explain it")
+            h.configs = {(s, _EMPTY) for s in nxt.states}
+        else:
+            try:
+                new = _linearize(configs, inflight, rec, self.flavour, self.budget)
+            except _BudgetExhausted:
+                raise Unsupported(f"line {rec.line}: search budget exhausted") from None
+            if not new:
+                if t <= h.lenient_until:
+                    del inflight[rec.id]
+                    return self._resync_in_window(h)
+                raise Unsupported(f"line {rec.line}: no order explains it")
+            h.configs = new
+        del inflight[rec.id]
         h.ops_checked += 1
         if len(h.configs) > MAX_CONFIGS:
             raise Unsupported(f"line {rec.line}: too many model states")
@@ -229,27 +390,44 @@ class StreamChecker:
         if self.progress is not None and self.done % 4096 == 0:
             self.progress(4096)
 
+    @staticmethod
+    def _resync_in_window(h: _Profile) -> None:
+        h.resyncs += 1
+        h.configs = {(model.unknown_state(h.n), _EMPTY)}
+        for other in h.inflight.values():
+            if not other.incomplete:
+                other.incomplete = True
+                other.op = to_model_op(other)
+
     def finish(self) -> list[ProfileResult]:
-        self._time_moves_on()
-        # Still in flight at the end of the trace: each may or may not have taken effect, and
-        # the returns that wait for them are checked now, with that (history.build's end).
+        # build's end: stray callbacks judged; operations still in flight may or may not have taken effect
+        for k in list(self.stray):
+            self._settle(k)
         for stack in self.open_ops.values():
             for rec in stack:
                 rec.incomplete = True
-                rec.op = to_model_op(rec)
-                h = self.profiles[rec.profile]
-                if rec.id in h.inflight:
-                    h.waiting -= 1
+                self._ended(self.profiles[rec.profile], rec)
         self.open_ops.clear()
-        for h in self.profiles.values():
-            self._drain(h)
         results = []
         for h in self.profiles.values():
-            if not h.inited:  # (listed in the header, no event: the whole-trace way's answer is cheap)
-                raise Unsupported(f"profile {h.id} was not created in the trace")
+            if h.num_slots is None:
+                results.append(ProfileResult(h.id, h.device, None, Verdict.UNKNOWN, unknown_reason=NO_SLOT_COUNT))
+                continue
+            self._drain(h, 0)
+            if h.start is not None and h.start != (h.from_start, h.num_slots):
+                raise Unsupported(f"profile {h.id}: its slot count or initial state was learnt after its check began")
+            if h.start is None:  # (no point at all)
+                h.configs = {(model.initial_state(h.num_slots) if h.from_start else model.unknown_state(h.num_slots),
+                              _EMPTY)}
+            res = ProfileResult(h.id, h.device, h.num_slots, Verdict.AGREE, ops_checked=h.ops_checked,
+                                resyncs=h.resyncs, started_unknown=not h.from_start and h.num_slots > 0,
+                                max_inflight=h.max_inflight)
+            if why := why_unknown(h.resyncs, h.unexplained, h.n_unexplained):
+                res.verdict, res.unknown_reason = Verdict.UNKNOWN, why
             states = {s for s, _ in h.configs}
-            results.append(_result(h.id, h.num_slots, h.device, h.ops_checked, h.max_inflight,
-                                   next(iter(states)) if len(states) == 1 else None))
+            if len(states) == 1:
+                res.final_state = model.describe_state(next(iter(states)))
+            results.append(res)
         if self.progress is not None:
             self.progress(self.done % 4096)
         return results
@@ -263,10 +441,10 @@ def _result(profile: str, num_slots: int, device: str | None, ops_checked: int, 
                          max_inflight=max_inflight, final_state=model.describe_state(final) if final else [])
 
 
-def _verdict(results: list[ProfileResult], flavour: str, events: int) -> Result:
-    if not any(r.ops_checked for r in results):
-        raise Unsupported("no operation was checked")  # UNKNOWN, with checker.check's reason
-    return Result(Verdict.AGREE, flavour, results, events, 0)
+def _verdict(results: list[ProfileResult], flavour: str, events: int, lost: int) -> Result:
+    """checker.check's verdict, for results none of which DIVERGED (streaming never says it)."""
+    unknown = any(r.verdict is Verdict.UNKNOWN for r in results) or not any(r.ops_checked for r in results)
+    return Result(Verdict.UNKNOWN if unknown else Verdict.AGREE, flavour, results, events, lost)
 
 
 # -- the driver: stream, and check the whole trace where streaming cannot ----------------------
@@ -302,9 +480,9 @@ def check_path(path: str | os.PathLike, flavour: str | None = None, budget: int 
         for name in engines:
             source = None if spool is None else _Spooled(spool)
             try:
-                result, stats = (_stream_compiled if name == "compiled" else _stream_python)(
+                result, stats, notes = (_stream_compiled if name == "compiled" else _stream_python)(
                     path, flavour, budget, progress, source)
-                return Checked(result, [], name + "".join(f" ({w})" for w in why), stats)
+                return Checked(result, notes, name + "".join(f" ({w})" for w in why), stats)
             except NotCompiled as e:
                 why.append(f"compiled: {e}")
             except (Unsupported, TraceFormatError) as e:  # (bad input: read_trace says it the same way)
@@ -349,19 +527,19 @@ class _Spooled:
         pass  # (stdin stays open, as trace._close leaves it)
 
 
-def _stream_python(path: str, flavour: str | None, budget: int, progress, source) -> tuple[Result, None]:
+def _stream_python(path: str, flavour: str | None, budget: int, progress, source) -> tuple[Result, None, list]:
     stream = stream_trace(path, STREAM_WINDOW, source)
     flavour = flavour or stream.header.semantics
+    if flavour not in model.FLAVOURS:
+        raise ValueError(f"unknown semantics flavour {flavour!r}")  # (as checker.check raises it)
     checker = StreamChecker(stream.header, flavour, budget, progress)
     feed = checker.feed
-    for ev in stream.events:
+    for ev in stream.events:  # (a cut last line: stream_trace's lost marker, and its note)
         feed(ev)
-    if stream.notes:
-        raise Unsupported("the last line was cut")
-    return _verdict(checker.finish(), flavour, checker.events), None
+    return _verdict(checker.finish(), flavour, checker.events, checker.lost), None, stream.notes
 
 
-def _stream_compiled(path: str, flavour: str | None, budget: int, progress, source) -> tuple[Result, dict]:
+def _stream_compiled(path: str, flavour: str | None, budget: int, progress, source) -> tuple[Result, dict, list]:
     """The compiled engine: it splits and parses the lines itself; the header is read here."""
     name = "<stdin>" if path == STDIN else path
     source = source or _open(path, name)
@@ -398,7 +576,7 @@ def _stream_compiled(path: str, flavour: str | None, budget: int, progress, sour
         state = model.State(final[0], final[1], (model.KNOWN,) * num_slots, final[2]) if final else None
         results.append(_result(pid, num_slots, device if device_set else devices.get(pid), ops_checked,
                                max_inflight, state))
-    return _verdict(results, flavour, events), engine.stats()
+    return _verdict(results, flavour, events, 0), engine.stats(), []
 
 
 def _header_line(chunks: Iterator[bytes]) -> tuple[bytes, int, bytes]:
