@@ -16,7 +16,9 @@
  * but AGREE (a step the model rejects, a search over budget), so DIVERGED, UNKNOWN and
  * every report come from the Python specification only. NotCompiled: a limit of this
  * engine only (reprogram_all, more than 255 slots, ...), where replay/streamcheck.py's
- * Python engine takes over. tests/replay/test_streamcheck.py runs the three paths on
+ * Python engine takes over; so is every event this engine does not pair as history.py
+ * would (lost events, profiles listed in the header, a return without its call, stray
+ * callbacks), which the Python engine streams (or, if not, hands to checker.check). tests/replay/test_streamcheck.py runs the three paths on
  * every kind of simulated trace and every bundled one.
  */
 #define PY_SSIZE_T_CLEAN
@@ -848,7 +850,7 @@ static int parse_event(Checker *c, Value *v, long long line, Ev *e) {
         if (EV_NAMES[k] && (Py_ssize_t)strlen(EV_NAMES[k]) == v[F_EV].len && memcmp(EV_NAMES[k], v[F_EV].s, (size_t)v[F_EV].len) == 0)
             ev = k;
     if (ev == KS_LOST)
-        return fail(c, "line %lld: events were lost", line);
+        return limit(c, "line %lld: events were lost", line);
     if (ev < 0 || ev == KS_PROFILE_ATTACH || ev == KS_REPROGRAM_CALL || ev == KS_REPROGRAM_RETURN)
         return limit(c, "line %lld: an event this engine does not check (attach, reprogram_all)", line);
     if (!IS_STR(F_P))
@@ -919,7 +921,7 @@ static int apply(Checker *c, const Ev *e) {
     Profile *p = &c->profiles[pi];
     if (ev == KS_PROFILE_INIT) {
         if (p->inited || p->ops_seen)
-            return fail(c, "line %lld: a profile initialised twice", line);
+            return limit(c, "line %lld: a profile initialised twice", line);
         if (e->num_slots > MAX_SLOTS)
             return limit(c, "line %lld: more than %d slots", line, MAX_SLOTS);
         p->inited = 1;
@@ -944,7 +946,7 @@ static int apply(Checker *c, const Ev *e) {
     if (ev == KS_PROFILE_DESTROY)
         return 0; /* frees memory only: checker.check checks nothing there */
     if (!p->inited)
-        return fail(c, "line %lld: an event of a profile not created in the trace", line);
+        return limit(c, "line %lld: an event of a profile not created in the trace", line);
     p->ops_seen = 1;
     Thread *th = thread_of(c, e->tid, e->cpu, pi);
     if (!th)
@@ -958,7 +960,7 @@ static int apply(Checker *c, const Ev *e) {
             for (int i = 0; i < th->depth; i++)
                 inside_put |= c->ops[th->ops[i]].kind == OP_PUT;
             if (ev != KS_PUT_CALL || inside_put)
-                return fail(c, "line %lld: a call inside an operation that never returned", line);
+                return limit(c, "line %lld: a call inside an operation that never returned", line);
             if (th->depth == MAX_DEPTH)
                 return limit(c, "line %lld: more than %d operations open on one thread", line, MAX_DEPTH);
         }
@@ -982,11 +984,11 @@ static int apply(Checker *c, const Ev *e) {
         int want = ev == KS_GET_RETURN ? OP_GET : ev == KS_PUT_RETURN ? OP_PUT : OP_EVICT;
         Op *op = th->depth ? &c->ops[th->ops[th->depth - 1]] : NULL;
         if (!op || op->kind != want || (want != OP_PUT && op->key != key))
-            return fail(c, "line %lld: a return without its call, or over an open call", line);
+            return limit(c, "line %lld: a return without its call, or over an open call", line);
         int oi = th->ops[--th->depth];
         /* every driver callback of it paired (history._unpaired) */
         if (op->prog_open || op->drv_open)
-            return fail(c, "line %lld: a driver callback's return is missing", line);
+            return limit(c, "line %lld: a driver callback's return is missing", line);
         if (want == OP_GET) {
             op->result = e->res;
             op->has_slot = e->has_slot;
@@ -1007,21 +1009,21 @@ static int apply(Checker *c, const Ev *e) {
         int is_call = ev == KS_PROGRAM_CALL || ev == KS_DRV_EVICT_CALL;
         if (!parent) {
             if (is_call && !(ev == KS_DRV_EVICT_CALL && key < 0))
-                return fail(c, "line %lld: a driver callback outside any operation", line);
+                return limit(c, "line %lld: a driver callback outside any operation", line);
             return 0; /* rule 9, or a return history.build attaches to nothing */
         }
         int slot = e->slot;
         if (ev == KS_PROGRAM_CALL || ev == KS_PROGRAM_RETURN) {
             if (parent->kind != OP_GET)
-                return fail(c, "line %lld: a program callback outside a get", line);
+                return limit(c, "line %lld: a program callback outside a get", line);
             if (ev == KS_PROGRAM_CALL) {
                 if (parent->prog_calls++)
-                    return fail(c, "line %lld: a get programmed twice", line);
+                    return limit(c, "line %lld: a get programmed twice", line);
                 parent->prog_open = 1;
                 parent->prog_slot = slot;
             } else {
                 if (!parent->prog_open || parent->prog_slot != slot)
-                    return fail(c, "line %lld: a program return without its call", line);
+                    return limit(c, "line %lld: a program return without its call", line);
                 parent->prog_open = 0;
                 parent->has_prog = 1;
                 parent->prog_key = key; /* (the return's, as history._program takes it) */
@@ -1029,7 +1031,7 @@ static int apply(Checker *c, const Ev *e) {
             }
         } else {
             if (parent->kind != OP_EVICT)
-                return fail(c, "line %lld: a driver evict outside an evict", line);
+                return limit(c, "line %lld: a driver evict outside an evict", line);
             if (ev == KS_DRV_EVICT_CALL) {
                 if (parent->drv_calls++)
                     return limit(c, "line %lld: two driver evicts in one evict", line);
@@ -1037,7 +1039,7 @@ static int apply(Checker *c, const Ev *e) {
                 parent->drv_slot = slot;
             } else {
                 if (!parent->drv_open || parent->drv_slot != slot)
-                    return fail(c, "line %lld: a driver evict return without its call", line);
+                    return limit(c, "line %lld: a driver evict return without its call", line);
                 parent->drv_open = 0;
                 parent->has_drv = 1;
                 parent->drv_result = e->res;
@@ -1288,8 +1290,8 @@ static int feed_lines(Checker *c, const char *data, Py_ssize_t n) {
 static PyObject *Checker_feed(Checker *c, PyObject *arg) {
     Py_buffer buf;
     if (c->failed || c->unknown_start) {
-        PyErr_SetString(Unsupported, c->failed ? "already failed"
-                                               : "profiles listed in the header start unknown (attach anytime)");
+        PyErr_SetString(c->failed ? Unsupported : NotCompiled, c->failed ? "already failed"
+                        : "profiles listed in the header start unknown (attach anytime)");
         return NULL;
     }
     if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0)
@@ -1354,8 +1356,8 @@ error:
 
 static PyObject *Checker_finish(Checker *c, PyObject *unused) {
     if (c->failed || c->unknown_start) {
-        PyErr_SetString(Unsupported, c->failed ? "already failed"
-                                               : "profiles listed in the header start unknown (attach anytime)");
+        PyErr_SetString(c->failed ? Unsupported : NotCompiled, c->failed ? "already failed"
+                        : "profiles listed in the header start unknown (attach anytime)");
         return NULL;
     }
     if (c->ncarry) { /* a last line without its newline: whole, or cut (then the Python reader's) */
@@ -1388,7 +1390,7 @@ static PyObject *Checker_finish(Checker *c, PyObject *unused) {
         Profile *p = &c->profiles[i];
         if (!p->inited || p->qlen) {
             Py_DECREF(list);
-            fail(c, "a profile not created in the trace");
+            limit(c, "a profile not created in the trace");
             return NULL;
         }
         PyObject *fs = final_state(c, p);
