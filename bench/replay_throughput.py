@@ -5,6 +5,7 @@ Usage:
   python bench/replay_throughput.py [--events N]       # throughput and floors (default 10,000,000 events)
   python bench/replay_throughput.py --sizes            # peak RSS at 10^6 and 10^7 events (files), 10^8 (a pipe)
   python bench/replay_throughput.py --inflight         # the search's cost with 2, 4, 8, 16 CPUs
+  python bench/replay_throughput.py --lossy            # peak RSS with header profiles and losses, 10^6 and 10^7 (a pipe)
 
 Traces are simulated once and cached in $TMPDIR/keyslot-trace-bench. Every figure is measured in a
 fresh process on one core (the checker is single-threaded):
@@ -69,11 +70,52 @@ def make(path: str, events: int, kw: str) -> None:
         simulate(Workload(requests=int(events / EVENTS_PER_REQUEST), **json.loads(kw)), out)
 
 
-def child(code: str, *args: str) -> dict:
+def child(code: str, *args: str, stdin=None) -> dict:
     """Run ``code`` in a fresh interpreter; it prints one JSON object."""
-    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True,
-                         cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code, *args], check=True, stdout=subprocess.PIPE, text=True,
+                         cwd=ROOT, stdin=stdin)
     return json.loads(out.stdout)
+
+
+class AsRecorded:
+    """simulate's lines as `record` writes them on a machine already running: the profiles listed
+    in the header (attach anytime: their state unknown at first) instead of created in the trace,
+    and every ``every`` events a lost marker whose window reaches ``back`` events back (a kprobe
+    miss found at the next poll), besides the simulator's own per-CPU losses (Workload.cpu_loss)."""
+
+    def __init__(self, out, every: int, back: int):
+        from collections import deque
+
+        self.out, self.every, self.header, self.n = out, every, None, 0
+        self.times = deque(maxlen=back)
+        self.profiles: list | None = []
+
+    def write(self, line: bytes) -> None:
+        import orjson
+
+        obj = orjson.loads(line)
+        if self.header is None:
+            self.header = obj
+            return
+        if self.profiles is not None:
+            if obj["ev"] == "profile_init":  # (the simulator creates every profile first)
+                self.profiles.append({"id": obj["p"], "num_slots": obj["num_slots"], "device": obj["device"]})
+                return
+            self.out.write(orjson.dumps({**self.header, "profiles": self.profiles}) + b"\n")
+            self.profiles = None
+        self.n += 1
+        self.times.append(obj["t"])
+        if self.n % self.every == 0:
+            self.out.write(orjson.dumps({"t": obj["t"], "cpu": 0, "tid": 0, "ev": "lost", "p": None, "count": 0,
+                                         "since": self.times[0], "why": "kprobe-missed"}) + b"\n")
+        self.out.write(line)
+
+
+def emit_lossy(events: int, kw: str) -> None:
+    from replay.simulate import Workload, simulate
+
+    out = AsRecorded(sys.stdout.buffer, every=100_000, back=1_000)
+    simulate(Workload(requests=int(events / EVENTS_PER_REQUEST), cpu_loss=1e-5, **json.loads(kw)), out)
 
 
 FLOORS = """
@@ -100,6 +142,7 @@ c = check_path(sys.argv[1], engine=sys.argv[2])
 t1 = time.process_time()
 p = max(c.result.profiles, key=lambda p: p.ops_checked)
 print(json.dumps({"events": c.result.events, "verdict": c.result.verdict.name, "how": c.how, "s": t1 - t0,
+                  "resyncs": max(p.resyncs for p in c.result.profiles),
                   "max_inflight": p.max_inflight, "ops": p.ops_checked, "stats": c.stats,
                   "rss_kb": int(re.search(r"VmHWM:\\s*(\\d+)", open("/proc/self/status").read()).group(1))}))
 """
@@ -164,6 +207,22 @@ def sizes() -> None:
           "  (at the simulator's pace)")
 
 
+def lossy() -> None:
+    """Peak RSS on traces shaped as real recordings are (AsRecorded: header profiles, losses),
+    generated and checked through a pipe, at 10^6 and 10^7 events: the Python streaming engine,
+    to which the compiled one hands them."""
+    print(f"{'trace':44} {'events':>12} {'resyncs':>12} {'verdict':>8} {'CPU':>8} {'per CPU-s':>14} {'peak RSS':>9}")
+    kw = CASES["concurrent (4 CPUs, 8 slots)"]
+    for events in (10**6, 10**7):
+        gen = subprocess.Popen([sys.executable, __file__, "--emit-lossy", str(events), json.dumps(kw)],
+                               stdout=subprocess.PIPE, cwd=ROOT)
+        r = child(IN_PROCESS, "-", "compiled", stdin=gen.stdout)
+        gen.stdout.close()
+        assert gen.wait() == 0 and r["how"].startswith("python (compiled: "), r["how"]
+        print(f"{'header profiles + losses, 4 CPUs, a pipe':44} {r['events']:>12,} {r['resyncs']:>12,}"
+              f" {r['verdict']:>8} {r['s']:>7.0f}s {r['events'] / r['s']:>9,.0f} ev/s {r['rss_kb'] / 1024:>6.0f} MB")
+
+
 def inflight(events: int) -> None:
     print(f"{'CPUs':>4} {'events':>11} {'ev/s':>11} {'max in':>7} {'searched':>9} {'steps per':>10}"
           f" {'configs per':>12} {'most':>5} {'Python (whole)':>15}")
@@ -187,10 +246,17 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=10_000_000)
     ap.add_argument("--sizes", action="store_true", help="peak RSS at 10^6, 10^7 and 10^8 events")
     ap.add_argument("--inflight", action="store_true", help="the search's cost with 2, 4, 8, 16 CPUs (--events each)")
+    ap.add_argument("--lossy", action="store_true",
+                    help="peak RSS with header profiles and periodic losses at 10^6 and 10^7 events (a pipe)")
     ap.add_argument("--make", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--emit-lossy", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.make:
         return make(*args.make[:1], int(args.make[1]), args.make[2])
+    if args.emit_lossy:
+        return emit_lossy(int(args.emit_lossy[0]), args.emit_lossy[1])
+    if args.lossy:
+        return lossy()
     if args.sizes:
         return sizes()
     if args.inflight:
