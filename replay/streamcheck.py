@@ -2,26 +2,30 @@
 
 checker.check needs the whole trace: replay/history.py pairs every event into operations
 first, and a divergence report walks the profile's history back to its init. This module
-checks the common case, a trace that replays AGREE, as the events come: per profile the same
-points (call, return, init) in the same order, the same model steps on the same operations,
-the same search with the same memoisation (checker._linearize), and the same counts. An
-operation's return is checked only once every operation in flight with it has returned too,
-since the search needs their outcomes: so memory holds the operations in flight, the points
-since the oldest of them, and the search's configurations; never the trace. Operations still
-in flight at the end of the trace are judged as history.build leaves them: each may or may
-not have taken effect.
+checks a trace as the events come: per profile the same points (call, return, init, resync)
+in the same order, the same model steps on the same operations, the same search with the
+same memoisation (checker._linearize), and the same counts. An operation's return is checked
+only once every operation in flight with it has ended too, since the search needs their
+outcomes; and each profile keeps its newest HOLD points unchecked, because history.build
+places a few points back in time (a loss window's start, the call of a return whose call was
+not seen). So memory holds the operations in flight, those points and the search's
+configurations; never the trace. That covers lost events (with and without windows),
+profiles listed in the header (attach anytime), returns without calls, calls that never
+returned, driver callbacks outside any operation: AGREE, and UNKNOWN for losses and missing
+events, are said here, with checker.check's reasons.
 
 Whatever it does not handle exactly as checker.check would, it does not guess: it raises
-Unsupported, and check_path checks the trace the whole-trace way. That covers every outcome
-but AGREE (a step the model rejects, an exhausted budget), so DIVERGED and UNKNOWN, and every
-report, always come from checker.check; and every trace whose history.build needs the past or
-the future (lost events, a return without its call, a call whose operation never returns
-before the thread's next one, a profile not created in the trace, a driver callback no kernel
-makes, events further out of time order than stream_trace's window).
+Unsupported, and check_path checks the trace the whole-trace way. That is DIVERGED (a step
+the model rejects outside a loss window: checker.check reads the trace whole and writes the
+report), an exhausted budget or too many states (UNKNOWN), a point placed before one already
+checked (a window reaching more than HOLD points back), a profile whose slot count or
+initial state is learnt only after its check began, and events further out of time order
+than stream_trace's window.
 
 Two engines do this: this module's, in Python (the reference), and replay/_fastcheck.c, the
-same rules compiled, which also parses the lines itself and has a few limits of its own
-(NotCompiled: lines out of time order, reprogram_all, ...) where this one takes over.
+same rules compiled for fully known states, which also parses the lines itself and has
+limits of its own (NotCompiled: lost events, header profiles, unpaired events, lines out of
+time order, reprogram_all, ...) where this one takes over.
 tests/replay/test_streamcheck.py runs the three paths on every kind of simulated trace and
 every bundled one, and requires the same result and the same report.
 """
@@ -233,6 +237,7 @@ class StreamChecker:
                 rec.subs = self.stray.pop(k).subs
             self._settle(k)
             first = h.resync_t if h.resync_t is not None else 0 if h.first_t is None else min(h.first_t, ev.t)
+            rec.ret = ev  # (so that it has a line, should it not find a place)
             self._add(h, first, 0, CALL, rec)
             self._finish_op(h, rec, ev, ev.t)
         if not stack:

@@ -91,8 +91,8 @@ def replay(traces: tuple[str, ...], semantics: str | None, as_json: bool, budget
     console = Console(stderr=False, highlight=False)
     worst = checker.Verdict.AGREE
     for path in traces:
-        # streamed, in memory bounded by the operations in flight, when the trace replays AGREE;
-        # else (and for every report) the whole trace through checker.check: the same result
+        # streamed, in memory bounded by the operations in flight, unless it DIVERGED (the report
+        # is checker.check's, on the whole trace) or streaming cannot place an event: the same result
         with _Progress(console, path) as progress:
             try:
                 checked = streamcheck.check_path(path, semantics, budget, progress=progress.advance,
