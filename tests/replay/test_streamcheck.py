@@ -353,6 +353,29 @@ def test_cut_last_lines_stream_with_their_note(tmp_path, seed):
             assert streamed(same_everywhere(write(tmp_path, data[:at])))
 
 
+@pytest.mark.parametrize("how", ["header and init", "attach", "no slot count"])
+def test_how_a_profile_is_known_streams_the_same(tmp_path, monkeypatch, how):
+    """A profile listed in the header and created in the trace too (it starts from the init's
+    empty state), one known only from a profile_attach after its first operations (unknown
+    state), one never given a slot count (UNKNOWN, nothing checked). How it starts is decided
+    when its first point is checked, HOLD points on: learnt later (or, with no slot count, not
+    by then), checker.check decides."""
+    data, _ = sim_bytes(threads=3, cpus=2, slots=3, keys=8, requests=300, seed=6)
+    header, records = load_records(data)
+    init = records[0]
+    if how == "header and init":
+        header["profiles"] = [{"id": init["p"], "num_slots": init["num_slots"]}]
+    else:
+        records = records[1:]
+        if how == "attach":
+            records.insert(150, {**init, "ev": "profile_attach", "t": records[150]["t"]})
+    path = write(tmp_path, dump_records(header, records))
+    assert streamed(same_everywhere(path))
+    monkeypatch.setattr(streamcheck, "HOLD", 50)
+    hows = same_everywhere(path)
+    assert streamed(hows) if how == "header and init" else hows["python"].startswith("whole (python: "), hows
+
+
 def test_a_window_reaching_past_the_held_points_is_checked_whole(tmp_path, monkeypatch):
     """The one loss the engine cannot stream: a `since` before a point it has already checked.
     checker.check decides; with the default HOLD the same window streams."""
