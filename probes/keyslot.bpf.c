@@ -60,6 +60,21 @@
 
 BPF_PERF_OUTPUT(events);
 
+/* Events the perf buffer had no room for, per CPU. The kernel tells user space of such
+ * a loss only when that CPU's buffer next takes an event, so the loss at the end of a
+ * burst may never be told: record reads these counts at every poll. */
+BPF_PERCPU_ARRAY(ks_dropped, u64, 1);
+
+static __always_inline void submit(void *ctx, struct ks_event *e)
+{
+	if (events.perf_submit(ctx, e, sizeof(*e)) < 0) {
+		u32 zero = 0;
+		u64 *n = ks_dropped.lookup(&zero);
+		if (n)
+			(*n)++;
+	}
+}
+
 /* Arguments saved at entry for the matching return, per thread. Calls nest
  * (dm's evict callback evicts from the disks below it on the same thread),
  * so each thread has a small stack indexed by its depth. */
@@ -151,7 +166,7 @@ static __always_inline void emit(void *ctx, u32 kind, struct frame *f, s32 resul
 	e.result = result;
 	if (kind == KS_GET_CALL) /* whose get: the task's comm (tgid is above) */
 		bpf_get_current_comm(e.name, KS_COMM_LEN);
-	events.perf_submit(ctx, &e, sizeof(e));
+	submit(ctx, &e);
 }
 
 /* Returns 0 when the frame could not be saved (too deep, or the maps are full): the
@@ -521,7 +536,7 @@ static __always_inline void emit_register(void *ctx, u64 profile, struct gendisk
 	e.slot = KS_NO_SLOT;
 	if (disk)
 		bpf_probe_read_kernel_str(e.name, sizeof(e.name), disk->disk_name);
-	events.perf_submit(ctx, &e, sizeof(e));
+	submit(ctx, &e);
 }
 
 static __always_inline int register_enter(void *ctx, PROFILE *profile, struct request_queue *q)

@@ -125,7 +125,7 @@ def bpf_source(setup: Setup | None = None) -> str:
         return text
     lines = []
     for a in setup.attachments:
-        if a.attached:
+        if a.attached and not a.module:  # bcc finds fentry targets in vmlinux's BTF only
             lines.append(f"KS_FENTRY_{a.spec.entry}({a.symbol})")
             if a.spec.ret:
                 lines.append(f"KS_FEXIT_{a.spec.ret}({a.symbol})")
@@ -206,6 +206,7 @@ class Recorder:
         self._late: dict[str, int] = {}  # driver callbacks attached after start (modules loaded later) -> address
         self._misses: MissCounters | None = None  # the kernel's counts of skipped probe hits
         self._misses_read_t = 0
+        self._drops = DropLedger()  # perf-buffer losses: what the kernel told vs what the probes counted
 
     def header(self) -> Header:
         return Header(
@@ -236,6 +237,9 @@ class Recorder:
             if failed is None:
                 os.write(2, log.text.encode())
                 self.attach_start_ns = time.monotonic_ns()
+                # a driver module loaded before the recording: its callbacks as kprobes (the
+                # program has them in either mode), as for one loaded later
+                self._attach_kprobes([a for a in self.setup.attachments if a.module])
                 return time.monotonic() - t0
             if not self.setup.kprobe_fallback:
                 raise ProbeError(f"fentry/fexit programs failed to load ({failed}); --probe-type auto "
@@ -248,7 +252,11 @@ class Recorder:
             raise ProbeError(f"compiling the BPF program failed ({e}); kernel headers: "
                              "/lib/modules/$(uname -r)/build or CONFIG_IKHEADERS") from None
         self.attach_start_ns = time.monotonic_ns()
-        for a in self.setup.attachments:
+        self._attach_kprobes(self.setup.attachments)
+        return time.monotonic() - t0
+
+    def _attach_kprobes(self, attachments: list[Attachment]) -> None:
+        for a in attachments:
             if not a.attached:
                 continue
             try:
@@ -259,7 +267,6 @@ class Recorder:
                 if a.spec.required:
                     raise ProbeError(f"attaching to {a.symbol} failed: {e}") from None
                 a.attached, a.reason = False, f"attach failed: {e}"
-        return time.monotonic() - t0
 
     def start(self, header: Header | None = None) -> Decoder:
         """Write the header and open one perf reader per CPU. Returns the decoder (its counts)."""
@@ -322,9 +329,11 @@ class Recorder:
                 # A full perf buffer drops that CPU's events from the last one read from it
                 # until the reader catches up, while the other CPUs' keep arriving: the
                 # loss lies in [that CPU's last event, this read], a window for replay.
-                cpu = e[0]
-                self.decoder.lost(cpu, e[1], self._start_t, at=read_t,
-                                  since=self.decoder.last_t.get(cpu, self._start_t), why="perf-buffer")
+                cpu, told = e
+                news = self._drops.told(cpu, told)
+                if news:
+                    self.decoder.lost(cpu, news, self._start_t, at=read_t,
+                                      since=self.decoder.last_t.get(cpu, self._start_t), why="perf-buffer")
                 continue
             if e.kind == EventKind.profile_destroy:
                 self._destroyed = True
@@ -334,6 +343,21 @@ class Recorder:
                 self._held.append(e)
                 continue
             self.decoder.event(e)
+        self._read_drops()
+
+    def _read_drops(self) -> None:
+        """Losses the probes counted and the kernel has not told yet (it tells only when that
+        CPU's buffer next takes an event): every event read from that CPU came before them,
+        since the kernel's loss record would have come first."""
+        if self.bpf is None or self._events is None:
+            return
+        counted = self.bpf["ks_dropped"].getvalue(0)
+        read_t = time.monotonic_ns()
+        for cpu, n in enumerate(counted):
+            news = self._drops.counted(cpu, int(n))
+            if news:
+                self.decoder.lost(cpu, news, self._start_t, at=read_t,
+                                  since=self.decoder.last_t.get(cpu, self._start_t), why="perf-buffer")
 
     def poll(self, timeout_ms: int) -> None:
         """Read what the kernel has buffered, waiting up to ``timeout_ms`` for the first event."""
@@ -499,6 +523,31 @@ class Recorder:
         bpf.cleanup()
 
 
+class DropLedger:
+    """Perf-buffer losses per CPU, from two counts of the same events: the kernel's loss
+    records (told late: when that CPU's buffer next takes an event, perhaps never) and
+    the probes' own count of failed submits (ks_dropped, read at every poll). Whichever
+    says more first is reported; the other then adds only what goes beyond it."""
+
+    def __init__(self) -> None:
+        self._told: dict[int, int] = {}
+        self._reported: dict[int, int] = {}
+
+    def told(self, cpu: int, n: int) -> int:
+        """The kernel's loss record of ``n`` events; returns how many are news."""
+        self._told[cpu] = self._told.get(cpu, 0) + n
+        return self._report(cpu, self._told[cpu])
+
+    def counted(self, cpu: int, total: int) -> int:
+        """The probes' running count on ``cpu``; returns how many are news."""
+        return self._report(cpu, total)
+
+    def _report(self, cpu: int, total: int) -> int:
+        news = max(0, total - self._reported.get(cpu, 0))
+        self._reported[cpu] = self._reported.get(cpu, 0) + news
+        return news
+
+
 class MissCounters:
     """The kernel's own counts of probe hits it skipped, read after every poll.
 
@@ -531,7 +580,9 @@ class MissCounters:
                 rows = [line.split() for line in f]
         except OSError:
             return {}
-        return {f"kprobe {r[0]}": int(r[2]) for r in rows if len(r) == 3 and r[0].endswith(self._suffix)}
+        # A skipped hit skips the function's whole aggregated kprobe: the entry probe's event
+        # and the return's (the flood bench counted two lost events per miss, every time).
+        return {f"kprobe {r[0]}": 2 * int(r[2]) for r in rows if len(r) == 3 and r[0].endswith(self._suffix)}
 
     def _recursion_misses(self) -> dict[str, int]:
         if not self.bpf.funcs:
