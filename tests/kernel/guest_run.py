@@ -152,12 +152,16 @@ def bad_environments(tool: list[str], out: Path, env: dict) -> dict:
     return results
 
 
-def attach_mid_stream(tool: list[str], out: Path, env: dict, seconds: int = 30) -> dict:
+def attach_mid_stream(tool: list[str], out: Path, env: dict, ko: str | None, seconds: int = 30) -> dict:
     """`record` started while an LRU-churn workload runs: its compile and attach (minutes
     in the VM) and its first events fall in the middle of operations, and the fallback's
     slots hold keys it never saw programmed. lru-churn runs again and again until the
-    recording ends; the recording starts after the first run has filled the slots."""
+    recording ends; the recording starts after the first run has filled the slots.
+
+    ksdisk is loaded before it starts, too: a driver module present at start (fentry
+    cannot reach a module's functions through vmlinux BTF: its callbacks are kprobes)."""
     stop, runs = threading.Event(), []
+    insmod = subprocess.run(["insmod", ko], capture_output=True, text=True) if ko else None
 
     def churn() -> None:
         while not stop.is_set():
@@ -175,7 +179,10 @@ def attach_mid_stream(tool: list[str], out: Path, env: dict, seconds: int = 30) 
                         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, timeout=900).returncode
     stop.set()
     worker.join()
-    return {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "workload_runs": runs}
+    if insmod is not None and insmod.returncode == 0:
+        subprocess.run(["rmmod", "ksdisk"], capture_output=True)
+    return {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "workload_runs": runs,
+            "insmod": insmod and {"rc": insmod.returncode, "stderr": insmod.stderr}}
 
 
 def main() -> int:
@@ -284,7 +291,7 @@ def main() -> int:
                                  str(mine), "-o", "/tmp/nobody-capture.txt"], capture_output=True, text=True, cwd="/tmp")
         run["tracefs"]["as_nobody"] = {"rc": nobody.returncode, "stderr": nobody.stderr}
     if args.mid_stream:
-        run["midstream"] = attach_mid_stream(tool, out, env)
+        run["midstream"] = attach_mid_stream(tool, out, env, args.ko)
     if args.bad_environments:
         bad_environments(tool, out, env)
     (out / "run.json").write_text(json.dumps(run, indent=1))

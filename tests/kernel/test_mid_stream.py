@@ -27,3 +27,15 @@ def test_record_started_mid_workload_is_never_diverged(recording):
     fallback = [p for p in r.profiles if p.device == "blk-crypto-fallback"]
     assert len(fallback) == 1 and fallback[0].started_unknown, r.profiles
     assert fallback[0].ops_checked > 50, fallback
+
+
+def test_a_driver_module_loaded_before_record_is_traced(recording):
+    """ksdisk was loaded before this `record` began: with --probe-type auto it must not
+    fall back from fentry because of it (bcc finds fentry targets in vmlinux BTF only),
+    and ksdisk's callbacks are attached, as kprobes."""
+    mid = recording.run["midstream"]
+    assert mid["insmod"] and mid["insmod"]["rc"] == 0, mid["insmod"]
+    header = read_trace(recording.out / "trace-midstream.ndjson").header
+    assert header.extra["probe_type"] == recording.kernel.probe_types[0], header.extra
+    attached = {p["symbol"] for p in header.extra["probes"] if p.get("attached")}
+    assert {"ksdisk_keyslot_program", "ksdisk_keyslot_evict"} <= attached, header.extra["probes"]
