@@ -144,8 +144,8 @@ def check_profile(h: ProfileHistory, flavour: str, budget: int = DEFAULT_BUDGET,
         return res
     step = model.step
     n = h.num_slots
-    start = model.initial_state(n) if h.from_start else model.unknown_state(n)
-    res.started_unknown = not h.from_start and n > 0
+    start = model.initial_state(n) if h.fresh else model.unknown_state(n)
+    res.started_unknown = not h.fresh and n > 0
     configs: set[tuple] = {(start, frozenset())}
     inflight: dict[int, OpRecord] = {}
     done = 0

@@ -77,6 +77,9 @@ class ProfileHistory:
     num_slots: int | None  # None: never initialised and not in the header
     device: str | None
     from_start: bool  # True when the profile was initialised inside the trace
+    # listed in the header or attached: it existed before the trace began, so what comes
+    # before an init inside the trace (its address reused) belongs to an earlier profile
+    existed_before: bool = False
     points: list[tuple] = field(default_factory=list)  # (t, order, kind, payload)
     events: list[Event] = field(default_factory=list)
     n_ops: int = 0
@@ -85,10 +88,15 @@ class ProfileHistory:
     unexplained: list[str] = field(default_factory=list)
     init_t: int | None = None  # the last profile_init
 
+    @property
+    def fresh(self) -> bool:
+        """Empty when its first point comes: created in the trace, and by nothing before it."""
+        return self.from_start and not self.existed_before
+
 
 def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
     profiles: dict[str, ProfileHistory] = {
-        p.id: ProfileHistory(p.id, p.num_slots, p.device, False) for p in header.profiles
+        p.id: ProfileHistory(p.id, p.num_slots, p.device, False, existed_before=True) for p in header.profiles
     }
     # thread_key -> the operations in flight on it, innermost last. A task runs one
     # operation at a time on a profile (dm's evict callback evicts from the disks
@@ -170,6 +178,7 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
             # count is known, its state is not (attach anytime).
             if h.num_slots is None:
                 h.num_slots = ev.num_slots
+            h.existed_before = True
             h.device = ev.device or h.device
         elif kind is EventKind.profile_register:
             h.device = ev.device

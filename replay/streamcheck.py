@@ -84,6 +84,7 @@ class _Profile:
     num_slots: int | None = None
     device: str | None = None
     from_start: bool = False  # initialised in the trace (history.ProfileHistory.from_start)
+    existed_before: bool = False  # listed in the header or attached (history.ProfileHistory.existed_before)
     init_t: int | None = None
     first_t: int | None = None  # the time of its first point, and of its last loss (history._first_t)
     resync_t: int | None = None
@@ -92,7 +93,11 @@ class _Profile:
     queue: deque = field(default_factory=deque)  # points (t, order, seq, kind, payload) in checker order, unchecked
     full: bool = False  # holds more than HOLD points
     done: tuple | None = None  # (t, order) of the last point checked: no point can go before it now
-    start: tuple | None = None  # (from_start, num_slots) when its first point was checked
+    start: tuple | None = None  # (fresh, num_slots) when its first point was checked
+    @property
+    def fresh(self) -> bool:  # history.ProfileHistory.fresh
+        return self.from_start and not self.existed_before
+
     # checker.check_profile's variables
     n: int = 0
     configs: set = field(default_factory=set)
@@ -118,7 +123,8 @@ class StreamChecker:
                  progress: Callable[[int], None] | None = None, hold: int | None = None):
         self.flavour, self.budget, self.progress = flavour, budget, progress
         self.hold = HOLD if hold is None else hold
-        self.profiles: dict[str, _Profile] = {p.id: _Profile(p.id, p.num_slots, p.device) for p in header.profiles}
+        self.profiles: dict[str, _Profile] = {p.id: _Profile(p.id, p.num_slots, p.device, existed_before=True)
+                                               for p in header.profiles}
         self.open_ops: dict[tuple, list[OpRecord]] = {}  # (empty stacks are dropped: memory)
         self.stray: dict[tuple, OpRecord] = {}
         self.thread_last: dict[tuple, int] = {}
@@ -153,12 +159,13 @@ class StreamChecker:
         if kind is EventKind.profile_init:
             h.num_slots, h.from_start, h.init_t = ev.num_slots, True, ev.t
             h.device = ev.device or h.device
-            if h.start is not None and h.start != (True, ev.num_slots):
+            if h.start is not None and h.start != (h.fresh, ev.num_slots):
                 raise Unsupported(f"line {ev.line}: a profile initialised after its check began (attach anytime)")
             self._add(h, ev.t, 0, INIT, ev)
         elif kind is EventKind.profile_attach:
             if h.num_slots is None:
                 h.num_slots = ev.num_slots
+            h.existed_before = True
             h.device = ev.device or h.device
         elif kind is EventKind.profile_register:
             h.device = ev.device
@@ -337,8 +344,8 @@ class StreamChecker:
             if h.start is None:
                 if h.num_slots is None:
                     raise Unsupported(f"profile {h.id}: no slot count yet, {len(q):,} points in")
-                h.start, h.n = (h.from_start, h.num_slots), h.num_slots
-                h.configs = {(model.initial_state(h.n) if h.from_start else model.unknown_state(h.n), _EMPTY)}
+                h.start, h.n = (h.fresh, h.num_slots), h.num_slots
+                h.configs = {(model.initial_state(h.n) if h.fresh else model.unknown_state(h.n), _EMPTY)}
             q.popleft()
             h.done = (t, order)
             if kind == CALL:
@@ -419,13 +426,13 @@ class StreamChecker:
                 results.append(ProfileResult(h.id, h.device, None, Verdict.UNKNOWN, unknown_reason=NO_SLOT_COUNT))
                 continue
             self._drain(h, 0)
-            if h.start is not None and h.start != (h.from_start, h.num_slots):
+            if h.start is not None and h.start != (h.fresh, h.num_slots):
                 raise Unsupported(f"profile {h.id}: its slot count or initial state was learnt after its check began")
             if h.start is None:  # (no point at all)
-                h.configs = {(model.initial_state(h.num_slots) if h.from_start else model.unknown_state(h.num_slots),
+                h.configs = {(model.initial_state(h.num_slots) if h.fresh else model.unknown_state(h.num_slots),
                               _EMPTY)}
             res = ProfileResult(h.id, h.device, h.num_slots, Verdict.AGREE, ops_checked=h.ops_checked,
-                                resyncs=h.resyncs, started_unknown=not h.from_start and h.num_slots > 0,
+                                resyncs=h.resyncs, started_unknown=not h.fresh and h.num_slots > 0,
                                 max_inflight=h.max_inflight)
             if why := why_unknown(h.resyncs, h.unexplained, h.n_unexplained):
                 res.verdict, res.unknown_reason = Verdict.UNKNOWN, why

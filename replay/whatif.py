@@ -93,7 +93,7 @@ def demands(trace: Trace) -> list[Demand]:
     for h in build(trace.header, trace.events).values():
         if not h.num_slots:
             continue  # passthrough: no slots to size
-        d = Demand(h.profile, h.device, h.num_slots, trace.header.semantics, from_start=h.from_start)
+        d = Demand(h.profile, h.device, h.num_slots, trace.header.semantics, from_start=h.fresh)
         _decode(d, [p[3] for p in h.points if p[2] == RETURN])  # every operation once, closed
         out.append(d)
     return out
