@@ -36,6 +36,10 @@ def test_a_driver_module_loaded_before_record_is_traced(recording):
     mid = recording.run["midstream"]
     assert mid["insmod"] and mid["insmod"]["rc"] == 0, mid["insmod"]
     header = read_trace(recording.out / "trace-midstream.ndjson").header
-    assert header.extra["probe_type"] == recording.kernel.probe_types[0], header.extra
+    if recording.kernel.generation == "5.10":  # fentry cannot load there at all: no bpf_get_func_arg
+        assert header.extra["probe_type"] == "kprobe" and "bpf_get_func_arg" in header.extra["fentry_error"], \
+            header.extra
+    else:
+        assert header.extra["probe_type"] == "fentry" and "fentry_error" not in header.extra, header.extra
     attached = {p["symbol"] for p in header.extra["probes"] if p.get("attached")}
     assert {"ksdisk_keyslot_program", "ksdisk_keyslot_evict"} <= attached, header.extra["probes"]
