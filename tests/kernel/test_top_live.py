@@ -149,7 +149,9 @@ def test_in_kernel_top_agrees_with_the_every_event_top(live_run):
     names = ("gets", "hits", "misses", "programs", "puts", "errors", "waits")
     ev, k = ({n: sum(x[n] for x in xs) for n in names} for xs in (lines, klines))
     assert {n: k[n] for n in k if n != "waits"} == {n: ev[n] for n in ev if n != "waits"}
-    assert k["hits"] > 0 and k["misses"] > SLOTS
+    # (hits, compared above, may be none: three threads contending for one slot mostly find
+    # it taken by another's key; CI's 5.10 run saw 30 misses and no hit)
+    assert k["misses"] > SLOTS
     assert 0 < k["waits"] <= k["misses"] and ev["waits"] > 0, (k["waits"], ev["waits"])
     fb_ev, fb_k = fallback(lines[-1]), fallback(klines[-1])
     assert sum(fb_k["hist"]["program"]) == sum(fb_ev["hist"]["program"]) == k["programs"]
