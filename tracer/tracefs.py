@@ -180,6 +180,9 @@ done
 G=kst_$$            # our kprobe group: nobody else's probes are touched
 I=$T/instances/$G   # our ring buffer: the main one is left alone
 SYMS=$OUT.syms
+# The polls go to a file of their own, appended to the capture at the end: written into
+# the capture beside the reader, one landed inside an event line that cat wrote in two parts.
+POLLS=$OUT.polls
 DEFINED=""
 READER=""
 SLEEPER=""
@@ -235,6 +238,7 @@ cleanup() {
 			wait "$READER" 2>/dev/null
 		fi
 		{
+			cat "$POLLS" 2>/dev/null
 			echo "# end $(cat /proc/uptime)"
 			cpu_stats stats
 			poll_misses
@@ -245,7 +249,7 @@ cleanup() {
 	for e in $DEFINED; do
 		echo "-:$G/$e" >> "$T/kprobe_events" 2>/dev/null || echo "keyslot-capture: could not remove probe $G/$e" >&2
 	done
-	rm -f "$SYMS"
+	rm -f "$SYMS" "$POLLS"
 	echo "keyslot-capture: removed its probes; capture in $OUT (raw kernel pointers: keep it private)" >&2
 }
 trap cleanup EXIT
@@ -368,7 +372,7 @@ while kill -0 "$READER" 2>/dev/null && { [ "$DURATION" -eq 0 ] || [ "$elapsed" -
 	SLEEPER=$!
 	wait $SLEEPER   # a trapped signal interrupts wait, not a foreground sleep
 	elapsed=$((elapsed + 1))
-	poll_misses >> "$OUT"
+	poll_misses >> "$POLLS"
 done
 exit 0
 '''
