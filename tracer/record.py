@@ -125,7 +125,7 @@ def bpf_source(setup: Setup | None = None) -> str:
         return text
     lines = []
     for a in setup.attachments:
-        if a.attached and not a.module:  # bcc finds fentry targets in vmlinux's BTF only
+        if a.attached:
             lines.append(f"KS_FENTRY_{a.spec.entry}({a.symbol})")
             if a.spec.ret:
                 lines.append(f"KS_FEXIT_{a.spec.ret}({a.symbol})")
@@ -237,9 +237,6 @@ class Recorder:
             if failed is None:
                 os.write(2, log.text.encode())
                 self.attach_start_ns = time.monotonic_ns()
-                # a driver module loaded before the recording: its callbacks as kprobes (the
-                # program has them in either mode), as for one loaded later
-                self._attach_kprobes([a for a in self.setup.attachments if a.module])
                 return time.monotonic() - t0
             if not self.setup.kprobe_fallback:
                 raise ProbeError(f"fentry/fexit programs failed to load ({failed}); --probe-type auto "

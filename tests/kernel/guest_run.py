@@ -15,9 +15,8 @@ busybox sh (capture.txt, tracefs.log), and meanwhile further copies of it are st
 and killed at random moments (kill-N.txt, kill-N.log): after each, and after all,
 run.json says which of their kprobes and trace instances were left behind.
 
-At the end, with --mid-stream: `record` started while a workload runs
-(trace-midstream.ndjson); with --bad-environments: the tool where it must refuse to
-trace (bad-environments.json).
+At the end, with --bad-environments: the tool where it must refuse to trace
+(bad-environments.json).
 
 Also writes to OUT: <scenario>.json (workload reports), doctor.txt, run.json
 (per-scenario CLOCK_MONOTONIC windows in ns, exit codes, the scenario process's pid
@@ -152,39 +151,6 @@ def bad_environments(tool: list[str], out: Path, env: dict) -> dict:
     return results
 
 
-def attach_mid_stream(tool: list[str], out: Path, env: dict, ko: str | None, seconds: int = 30) -> dict:
-    """`record` started while an LRU-churn workload runs: its compile and attach (minutes
-    in the VM) and its first events fall in the middle of operations, and the fallback's
-    slots hold keys it never saw programmed. lru-churn runs again and again until the
-    recording ends; the recording starts after the first run has filled the slots.
-
-    ksdisk is loaded before it starts, too: a driver module present at start (fentry
-    cannot reach a module's functions through vmlinux BTF: its callbacks are kprobes)."""
-    stop, runs = threading.Event(), []
-    insmod = subprocess.run(["insmod", ko], capture_output=True, text=True) if ko else None
-
-    def churn() -> None:
-        while not stop.is_set():
-            w = subprocess.run([sys.executable, str(RUNNERS["fscrypt"]), "--scenario", "lru-churn", "--no-scan",
-                                "--report", "/dev/null"], capture_output=True, text=True)
-            runs.append({"rc": w.returncode, "end_ns": time.monotonic_ns(), "stderr": w.stderr[-500:]})
-
-    worker = threading.Thread(target=churn)
-    worker.start()
-    while not runs and worker.is_alive():
-        time.sleep(0.5)
-    log = out / "record-midstream.log"
-    t0 = time.monotonic()
-    rc = subprocess.run(tool + ["record", "--duration", str(seconds), "-o", str(out / "trace-midstream.ndjson")],
-                        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, timeout=900).returncode
-    stop.set()
-    worker.join()
-    if insmod is not None and insmod.returncode == 0:
-        subprocess.run(["rmmod", "ksdisk"], capture_output=True)
-    return {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "workload_runs": runs,
-            "insmod": insmod and {"rc": insmod.returncode, "stderr": insmod.stderr}}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -193,8 +159,6 @@ def main() -> int:
     ap.add_argument("--probe-type", action="append", choices=["auto", "fentry", "kprobe"],
                     help="one recorder per type (default: auto)")
     ap.add_argument("--tracefs", action="store_true", help="also capture with the tracefs script (busybox sh)")
-    ap.add_argument("--mid-stream", action="store_true",
-                    help="at the end, record while a workload is already running (trace-midstream.ndjson)")
     ap.add_argument("--bad-environments", action="store_true",
                     help="at the end, run the tool where it cannot trace (bad-environments.json)")
     ap.add_argument("--tool", required=True,
@@ -290,8 +254,6 @@ def main() -> int:
         nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "busybox", "sh",
                                  str(mine), "-o", "/tmp/nobody-capture.txt"], capture_output=True, text=True, cwd="/tmp")
         run["tracefs"]["as_nobody"] = {"rc": nobody.returncode, "stderr": nobody.stderr}
-    if args.mid_stream:
-        run["midstream"] = attach_mid_stream(tool, out, env, args.ko)
     if args.bad_environments:
         bad_environments(tool, out, env)
     (out / "run.json").write_text(json.dumps(run, indent=1))
