@@ -191,7 +191,6 @@ class Attachment:
     symbol: str
     attached: bool
     reason: str
-    module: str = ""  # the module the symbol is in ("" built in)
 
 
 def plan(ks: KernelSymbols, generation: str) -> list[Attachment]:
@@ -200,7 +199,7 @@ def plan(ks: KernelSymbols, generation: str) -> list[Attachment]:
     for spec in GENERATIONS[generation]:
         if not spec.candidates:
             continue
-        results = [Attachment(spec, sym, *ks.status(sym), ks.functions.get(sym, "")) for sym in spec.candidates]
+        results = [Attachment(spec, sym, *ks.status(sym)) for sym in spec.candidates]
         if spec.every_match:
             # every driver that is present; absent drivers are not worth a line each
             present = [a for a in results if a.reason != "not in this kernel"]
