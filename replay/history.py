@@ -94,6 +94,48 @@ class ProfileHistory:
         return self.from_start and not self.existed_before
 
 
+def place_callback(stack: list[OpRecord], stray: dict, k: tuple, ev: Event, seen_before: str | None,
+                   ids: int) -> int:
+    """A driver callback event on thread ``k``: into the operation open there, or a stray
+    kept for an operation begun unseen, or one no kernel makes. Shared by build and the
+    streaming engine (replay/streamcheck.py). Returns the last record id used."""
+    kind = ev.kind
+    # puts make no callbacks: an interrupt's put open above the task's get is not its parent
+    parent = next((r for r in reversed(stack) if r.kind != "put"), None)
+    what = "program" if kind in (EventKind.program_call, EventKind.program_return) else "evict"
+    if parent is not None and parent.incomplete:
+        parent.subs.append(ev)  # events of it may be missing: nothing it shows is impossible
+    elif parent is not None and parent.kind in _PARENTS[kind]:
+        if (kind is EventKind.program_call and parent.kind == "get"
+                and any(s.kind is EventKind.program_call for s in parent.subs)):
+            parent.impossible = parent.impossible or (
+                f"get {parent.call.key if parent.call else ''} called the driver's program a second time "
+                f"(slot {ev.slot}, line {ev.line}): a get programs at most once (rule 3)")
+        parent.subs.append(ev)
+    elif parent is not None:
+        parent.impossible = parent.impossible or (
+            f"{parent.kind} called the driver's {what} callback (line {ev.line}): only get and "
+            "reprogram_all program a slot, only evict evicts one")
+    elif kind is EventKind.drv_evict_call and ev.key is None:
+        pass  # rule 9: a driver clearing its slots at probe is no manager operation
+    elif k in stray:
+        stray[k].subs.append(ev)
+    elif seen_before and kind in (EventKind.program_call, EventKind.drv_evict_call):
+        # No operation of this thread is open for it, and none can have begun unseen.
+        ids += 1
+        inside = ", inside a put (puts make none)" if stack else ""
+        stray[k] = OpRecord(ids, "callback", ev.profile, ev.tid, ev.cpu, ev, ev, [ev], impossible=(
+            f"the driver's {what} callback at line {ev.line} ran outside any get, evict or "
+            f"reprogram_all of its thread{inside} ({seen_before}, no loss reported)"))
+    elif not seen_before:
+        # Its parent's call predates the trace, or a loss: kept for that operation's return,
+        # whose model input they complete (an evict that called the driver after the loss
+        # took effect then); dropped if the thread does anything else first.
+        ids += 1
+        stray[k] = OpRecord(ids, "callback", ev.profile, ev.tid, ev.cpu, ev, ev, [ev])
+    return ids
+
+
 def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
     profiles: dict[str, ProfileHistory] = {
         p.id: ProfileHistory(p.id, p.num_slots, p.device, False, existed_before=True) for p in header.profiles
@@ -232,39 +274,7 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
                 h.points.append((_first_t(h, ev.t), 0, CALL, rec))
                 _finish(h, rec, ev, ev.t)
         else:  # driver callback inside an operation on this thread and profile
-            # puts make no callbacks: an interrupt's put open above the task's get is not its parent
-            parent = next((r for r in reversed(stack) if r.kind != "put"), None)
-            what = "program" if kind in (EventKind.program_call, EventKind.program_return) else "evict"
-            if parent is not None and parent.incomplete:
-                parent.subs.append(ev)  # events of it may be missing: nothing it shows is impossible
-            elif parent is not None and parent.kind in _PARENTS[kind]:
-                if (kind is EventKind.program_call and parent.kind == "get"
-                        and any(s.kind is EventKind.program_call for s in parent.subs)):
-                    parent.impossible = parent.impossible or (
-                        f"get {parent.call.key if parent.call else ''} called the driver's program a second time "
-                        f"(slot {ev.slot}, line {ev.line}): a get programs at most once (rule 3)")
-                parent.subs.append(ev)
-            elif parent is not None:
-                parent.impossible = parent.impossible or (
-                    f"{parent.kind} called the driver's {what} callback (line {ev.line}): only get and "
-                    "reprogram_all program a slot, only evict evicts one")
-            elif kind is EventKind.drv_evict_call and ev.key is None:
-                pass  # rule 9: a driver clearing its slots at probe is no manager operation
-            elif k in stray:
-                stray[k].subs.append(ev)
-            elif seen_before and kind in (EventKind.program_call, EventKind.drv_evict_call):
-                # No operation of this thread is open for it, and none can have begun unseen.
-                ids += 1
-                inside = ", inside a put (puts make none)" if stack else ""
-                stray[k] = OpRecord(ids, "callback", ev.profile, ev.tid, ev.cpu, ev, ev, [ev], impossible=(
-                    f"the driver's {what} callback at line {ev.line} ran outside any get, evict or "
-                    f"reprogram_all of its thread{inside} ({seen_before}, no loss reported)"))
-            elif not seen_before:
-                # Its parent's call predates the trace, or a loss: kept for that operation's return,
-                # whose model input they complete (an evict that called the driver after the loss
-                # took effect then); dropped if the thread does anything else first.
-                ids += 1
-                stray[k] = OpRecord(ids, "callback", ev.profile, ev.tid, ev.cpu, ev, ev, [ev])
+            ids = place_callback(stack, stray, k, ev, seen_before, ids)
     for k in list(stray):
         settle(k)
     for stack in open_ops.values():  # still in flight at the end of the trace: it may or may not have taken effect

@@ -46,8 +46,8 @@ from probes.events import EventKind
 from replay import model
 from replay.checker import (DEFAULT_BUDGET, MAX_CONFIGS, NO_SLOT_COUNT, ProfileResult, Result, Verdict, _BudgetExhausted,
                             _linearize, check, why_unknown)
-from replay.history import (_CLOSERS, _OPENERS, _PARENTS, CALL, INIT, RESYNC, RETURN, OpRecord, _unpaired, thread_key,
-                            to_model_op)
+from replay.history import (_CLOSERS, _OPENERS, _PARENTS, CALL, INIT, RESYNC, RETURN, OpRecord, _unpaired,
+                            place_callback, thread_key, to_model_op)
 from replay.trace import (BINARY_PROBE, STDIN, STREAM_WINDOW, Event, Header, TraceFormatError, _chunks, _close,
                           _open, _parse_header, parse_trace, read_trace, stream_trace)
 
@@ -185,7 +185,7 @@ class StreamChecker:
         elif kind in _CLOSERS:
             self._close_op(h, k, stack, ev, seen_before)
         else:
-            self._callback(h, k, stack, ev, seen_before)
+            self.ids = place_callback(stack, self.stray, k, ev, seen_before, self.ids)
 
     def _hist(self, pid: str) -> _Profile:
         h = self.profiles.get(pid)
@@ -249,37 +249,6 @@ class StreamChecker:
             self._finish_op(h, rec, ev, ev.t)
         if not stack:
             self.open_ops.pop(k, None)
-
-    def _callback(self, h: _Profile, k: tuple, stack: list, ev: Event, seen_before: str | None) -> None:
-        kind = ev.kind
-        parent = next((r for r in reversed(stack) if r.kind != "put"), None)
-        what = "program" if kind in (EventKind.program_call, EventKind.program_return) else "evict"
-        if parent is not None and parent.incomplete:
-            parent.subs.append(ev)
-        elif parent is not None and parent.kind in _PARENTS[kind]:
-            if (kind is EventKind.program_call and parent.kind == "get"
-                    and any(s.kind is EventKind.program_call for s in parent.subs)):
-                parent.impossible = parent.impossible or (
-                    f"get {parent.call.key if parent.call else ''} called the driver's program a second time "
-                    f"(slot {ev.slot}, line {ev.line}): a get programs at most once (rule 3)")
-            parent.subs.append(ev)
-        elif parent is not None:
-            parent.impossible = parent.impossible or (
-                f"{parent.kind} called the driver's {what} callback (line {ev.line}): only get and "
-                "reprogram_all program a slot, only evict evicts one")
-        elif kind is EventKind.drv_evict_call and ev.key is None:
-            pass  # rule 9: a driver clearing its slots at probe is no manager operation
-        elif k in self.stray:
-            self.stray[k].subs.append(ev)
-        elif seen_before and kind in (EventKind.program_call, EventKind.drv_evict_call):
-            self.ids += 1
-            inside = ", inside a put (puts make none)" if stack else ""
-            self.stray[k] = OpRecord(self.ids, "callback", ev.profile, ev.tid, ev.cpu, ev, ev, [ev], impossible=(
-                f"the driver's {what} callback at line {ev.line} ran outside any get, evict or "
-                f"reprogram_all of its thread{inside} ({seen_before}, no loss reported)"))
-        elif not seen_before:
-            self.ids += 1
-            self.stray[k] = OpRecord(self.ids, "callback", ev.profile, ev.tid, ev.cpu, ev, ev, [ev])
 
     def _settle(self, k: tuple) -> None:
         rec = self.stray.pop(k, None)
