@@ -22,6 +22,7 @@ PROFILE_IS_FALLBACK = 1
 AUX_FALLBACK_SHIFT = 32  # KS_AUX_FALLBACK_SHIFT: aux = num_slots | is_fallback << 32
 HIST_BUCKETS = 40  # KS_HIST_BUCKETS: log2 buckets of nanoseconds
 HIST_SLOT_WAIT, HIST_PROGRAM = 0, 1  # struct ks_hist_key.hist
+CTX_UNKNOWN, CTX_TASK, CTX_IRQ = 0, 1, 2  # struct ks_event.context (KS_CTX_*)
 
 _KIND_ENTRY = re.compile(r"^\s*X\((KS_\w+),\s*(\d+),\s*(\w+)\)", re.MULTILINE)
 
@@ -60,7 +61,9 @@ class RawEvent(ctypes.Structure):
         ("profile", ctypes.c_uint64),
         ("key", ctypes.c_uint64),
         ("aux", ctypes.c_uint64),
-        ("kind", ctypes.c_uint32),
+        ("kind", ctypes.c_uint16),
+        ("context", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8),
         ("cpu", ctypes.c_uint32),
         ("tid", ctypes.c_uint32),
         ("tgid", ctypes.c_uint32),

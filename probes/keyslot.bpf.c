@@ -20,6 +20,9 @@
  *   KS_GEN_BLK_KSM      5.8-5.15 struct names (default: 5.16+ blk_crypto_profile)
  *   KS_FALLBACK_SYM     address of the fallback profile symbol, 0 if unknown
  *   KS_Q_HAS_DISK       struct request_queue has ->disk (5.15+)
+ *   KS_PER_CPU_OFFSET, KS_PREEMPT_COUNT_VAR / KS_PCPU_HOT
+ *                       where this CPU's preempt count is (x86-64; see
+ *                       event_context()); without them the context is unknown
  *   KS_AGGREGATE        count in maps (live `top`): gets, puts and programs
  *                       that succeed update per-CPU counters, log2 latency
  *                       histograms and per-slot state, and send no event;
@@ -106,10 +109,44 @@ BPF_HASH(frames, struct frame_key, struct frame, 16384);
  * task's stack is per CPU. (A task proper may sleep in get and wake on another CPU,
  * so its stack cannot be.)
  */
+/*
+ * Does this probe run in interrupt context (a hardirq, or a softirq being served)?
+ * Read from this CPU's preempt count, a per-CPU variable on x86-64: tracer/record.py
+ * passes the address of __per_cpu_offset[] (KS_PER_CPU_OFFSET) and the per-CPU
+ * offset of __preempt_count (KS_PREEMPT_COUNT_VAR, to 6.1) or of pcpu_hot (KS_PCPU_HOT,
+ * 6.2 on), all from /proc/kallsyms. A kprobe that fires by int3 runs as an NMI, which
+ * also counts one hardirq: only hardirqs beyond the NMIs are the probed code's.
+ */
+static __always_inline u8 event_context(void)
+{
+#if defined(KS_PER_CPU_OFFSET) && (defined(KS_PREEMPT_COUNT_VAR) || defined(KS_PCPU_HOT))
+#ifdef KS_PCPU_HOT
+	u64 var = KS_PCPU_HOT + offsetof(struct pcpu_hot, preempt_count);
+#else
+	u64 var = KS_PREEMPT_COUNT_VAR;
+#endif
+	u64 base = 0;
+	u32 count = 0, cpu = bpf_get_smp_processor_id();
+	if (cpu >= NR_CPUS ||
+	    bpf_probe_read_kernel(&base, sizeof(base), (void *)(KS_PER_CPU_OFFSET + 8ULL * cpu)) ||
+	    bpf_probe_read_kernel(&count, sizeof(count), (void *)(base + var)))
+		return KS_CTX_UNKNOWN;
+	u32 hardirqs = (count & HARDIRQ_MASK) >> HARDIRQ_SHIFT, nmis = (count & NMI_MASK) >> NMI_SHIFT;
+	return (count & SOFTIRQ_OFFSET) || hardirqs > nmis ? KS_CTX_IRQ : KS_CTX_TASK;
+#else
+	return KS_CTX_UNKNOWN;
+#endif
+}
+
 static __always_inline u64 thread_key(void)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();
-	return tid ? tid : (1ULL << 63) | bpf_get_smp_processor_id();
+	/* an interrupt belongs to no task: whatever it interrupted, its calls nest on its
+	 * CPU's interrupt stack, and keeping them apart from the task's keeps the task's
+	 * frames whole (an interrupt's put inside the task's own put) */
+	if (!tid || event_context() == KS_CTX_IRQ)
+		return (1ULL << 63) | bpf_get_smp_processor_id();
+	return tid;
 }
 
 static __always_inline u32 profile_num_slots(u64 profile)
@@ -159,6 +196,7 @@ static __always_inline void emit(void *ctx, u32 kind, struct frame *f, s32 resul
 	if (kind != KS_PROFILE_INIT && is_fallback(f->profile))
 		e.aux |= 1ULL << KS_AUX_FALLBACK_SHIFT;
 	e.kind = kind;
+	e.context = event_context();
 	e.cpu = bpf_get_smp_processor_id();
 	e.tid = (u32)id;
 	e.tgid = id >> 32;

@@ -45,6 +45,13 @@ enum ks_event_kind { KS_EVENT_KINDS(KS_ENUM_ENTRY) };
  * long before most recordings, and -d DISK keeps it. */
 #define KS_AUX_FALLBACK_SHIFT 32
 
+/* struct ks_event.context: where the event ran. An interrupt (hardirq, or a softirq
+ * being served) runs on no task of its own: it borrows whatever task it interrupted,
+ * the idle task on an idle CPU, so its tid says nothing of whose operation it is. */
+#define KS_CTX_UNKNOWN 0 /* the probes cannot read the preempt count on this kernel */
+#define KS_CTX_TASK 1
+#define KS_CTX_IRQ 2
+
 #define KS_NAME_LEN 32 /* DISK_NAME_LEN */
 #define KS_COMM_LEN 16 /* TASK_COMM_LEN: a task's comm, NUL included */
 
@@ -60,7 +67,9 @@ struct ks_event {
 	__u64 key;      /* struct blk_crypto_key * (key identity; bytes never read) */
 	__u64 aux;      /* num_slots of the profile (PROFILE_INIT and every *_CALL),
 	                   | 1 << KS_AUX_FALLBACK_SHIFT for the fallback's */
-	__u32 kind;     /* enum ks_event_kind */
+	__u16 kind;     /* enum ks_event_kind */
+	__u8 context;   /* KS_CTX_*: task or interrupt */
+	__u8 reserved;
 	__u32 cpu;
 	__u32 tid;      /* kernel pid = thread id */
 	__u32 tgid;

@@ -85,6 +85,7 @@ def kernel_61(monkeypatch):
 
     monkeypatch.setattr(probes.KernelSymbols, "read", classmethod(lambda cls: cls.parse(KALLSYMS_61, TRACEABLE)))
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(probes.platform, "machine", lambda: "x86_64")  # (whose preempt count the probes read)
     monkeypatch.setitem(sys.modules, "bcc", None)  # import bcc fails
 
 
@@ -116,10 +117,13 @@ def test_ebpf_prints_the_program_that_would_be_loaded(kernel_61, monkeypatch, ar
     comments = [x for x in r.stdout.splitlines() if x.startswith("// ")][:3]
     assert comments[0].startswith("// blk_crypto API, kprobe probes") and "not root" in comments[2]
     text, cflags = _compiled(monkeypatch, aggregate)
-    # the same flags, but the fallback profile's kernel address (KASLR) is named, not printed
+    # the same flags, but kernel addresses (KASLR) are named, not printed: the fallback
+    # profile's and the per-CPU offsets' (the probes read the preempt count through them)
     assert "-DKS_FALLBACK_SYM=0xffffffff82000000ULL" in cflags and "0xffff" not in r.stdout
-    shown = [f.split("=")[0] + "=<blk_crypto_fallback_profile/blk_crypto_ksm in /proc/kallsyms>"
-             if f.startswith("-DKS_FALLBACK_SYM") else f for f in cflags]
+    assert "-DKS_PER_CPU_OFFSET=0xffffffff81fb1780ULL" in cflags
+    names = {"-DKS_FALLBACK_SYM": "blk_crypto_fallback_profile/blk_crypto_ksm", "-DKS_PER_CPU_OFFSET": "__per_cpu_offset"}
+    shown = [f"{f.split('=')[0]}=<{names[f.split('=')[0]]} in /proc/kallsyms>" if f.split("=")[0] in names else f
+             for f in cflags]
     assert comments[1] == f"// cflags: {' '.join(shown)}" and ("-DKS_AGGREGATE" in cflags) == aggregate
     assert r.stdout.split(comments[2] + "\n", 1)[1] == text.rstrip("\n") + "\n"
 

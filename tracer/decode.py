@@ -11,7 +11,7 @@ import hashlib
 import os
 from typing import Any, Callable
 
-from probes.events import AUX_FALLBACK_SHIFT, MAX_COMM, NO_SLOT, PROFILE_IS_FALLBACK, EventKind, RawEvent
+from probes.events import AUX_FALLBACK_SHIFT, CTX_IRQ, MAX_COMM, NO_SLOT, PROFILE_IS_FALLBACK, EventKind, RawEvent
 
 FALLBACK_DEVICE = "blk-crypto-fallback"
 
@@ -116,9 +116,10 @@ class Decoder:
             fields["status"] = e.result
         elif kind in _WITH_RESULT:
             fields["result"] = e.result
-        elif kind is EventKind.get_call:
+        elif kind is EventKind.get_call and e.context != CTX_IRQ:
             # whose get: the process (tgid) and the task's comm, on get_call only (trace size).
-            # A comm is the task's own name, not a secret; at most MAX_COMM bytes.
+            # A comm is the task's own name, not a secret; at most MAX_COMM bytes. (An
+            # interrupt's get is no task's: the one it interrupted is not named.)
             if self.with_pid:
                 fields["pid"] = e.tgid
             fields["comm"] = e.name[:MAX_COMM].decode(errors="replace")
@@ -140,4 +141,10 @@ class Decoder:
 
     def _write(self, e: RawEvent, kind: EventKind, profile_id: str, /, **fields: Any) -> None:
         self.counts[kind.name] = self.counts.get(kind.name, 0) + 1
+        if e.context == CTX_IRQ:
+            # An interrupt runs on no task of its own: tid 0, as for the idle task, makes
+            # replay pair its calls per CPU, apart from the task it happened to interrupt.
+            self.write({"t": e.ts_ns, "cpu": e.cpu, "tid": 0, "ev": kind.name, "p": profile_id, **fields,
+                        "irq": True}, e.profile)
+            return
         self.write({"t": e.ts_ns, "cpu": e.cpu, "tid": e.tid, "ev": kind.name, "p": profile_id, **fields}, e.profile)

@@ -14,6 +14,7 @@ Nothing here imports bcc, so the plan is testable anywhere.
 from __future__ import annotations
 
 import os
+import platform
 import re
 from dataclasses import dataclass, field
 
@@ -96,6 +97,10 @@ GENERATION_MARKERS = (
     ("keyslot_manager", "keyslot_manager_get_slot_for_key"),
 )
 FALLBACK_SYMBOLS = ("blk_crypto_fallback_profile", "blk_crypto_ksm")
+# Where x86-64 keeps each CPU's preempt count, which says whether a probe runs in an
+# interrupt: the per-CPU offsets array, and the per-CPU variable (to 6.1) or the
+# pcpu_hot struct holding it (6.2 on). Data symbols: in kallsyms with CONFIG_KALLSYMS_ALL.
+PREEMPT_COUNT_SYMBOLS = ("__per_cpu_offset", "__preempt_count", "pcpu_hot")
 
 
 @dataclass
@@ -120,7 +125,7 @@ class KernelSymbols:
                 ks.functions[name] = parts[3].strip("[]") if len(parts) > 3 else ""
                 if len(parts) > 3:  # module functions move when the module is loaded again
                     ks.module_addresses[name] = int(addr, 16)
-            elif name in FALLBACK_SYMBOLS:
+            elif name in FALLBACK_SYMBOLS or name in PREEMPT_COUNT_SYMBOLS:
                 ks.data[name] = int(addr, 16)
         if filter_functions is None:  # no tracefs: assume kallsyms functions are traceable
             ks.traceable = set(ks.functions)
@@ -163,6 +168,19 @@ class KernelSymbols:
 
     def fallback_address(self) -> int:
         return next((self.data[s] for s in FALLBACK_SYMBOLS if s in self.data), 0)
+
+    def context_flags(self, machine: str | None = None) -> list[str]:
+        """Compile flags that let the probes tell interrupt from task context
+        (keyslot.bpf.c event_context()), or none: the context is then unknown."""
+        if (machine or platform.machine()) != "x86_64" or not self.data.get("__per_cpu_offset"):
+            return []  # (elsewhere the preempt count lives in thread_info: not done, untested)
+        if "pcpu_hot" in self.data:
+            var = f"-DKS_PCPU_HOT={self.data['pcpu_hot']:#x}ULL"
+        elif "__preempt_count" in self.data:
+            var = f"-DKS_PREEMPT_COUNT_VAR={self.data['__preempt_count']:#x}ULL"
+        else:
+            return []
+        return [f"-DKS_PER_CPU_OFFSET={self.data['__per_cpu_offset']:#x}ULL", var]
 
 
 def detect_generation(ks: KernelSymbols) -> str | None:

@@ -104,7 +104,8 @@ def prepare(ks: KernelSymbols | None = None, semantics: str | None = None, probe
     missing = [a for a in attachments if a.spec.required and not a.attached]
     if missing:
         raise ProbeError("cannot trace: " + "; ".join(f"{a.symbol}: {a.reason}" for a in missing))
-    cflags = [f"-I{resources.files('probes')}", f"-DKS_FALLBACK_SYM={ks.fallback_address():#x}ULL"]
+    cflags = [f"-I{resources.files('probes')}", f"-DKS_FALLBACK_SYM={ks.fallback_address():#x}ULL",
+              *ks.context_flags()]
     if generation == "blk_ksm":
         cflags.append("-DKS_GEN_BLK_KSM")
     else:
@@ -150,10 +151,14 @@ def ebpf_text(setup: Setup, aggregate: bool = False) -> str:
 
 def _redacted(flag: str) -> str:
     """--ebpf output is meant to be shared, and a kernel address would undo KASLR: the
-    fallback profile's address is named, not printed (Recorder.attach gets the real one)."""
+    fallback profile's and the per-CPU offsets' addresses are named, not printed
+    (Recorder.attach gets the real ones). Per-CPU variables' offsets are not randomised."""
     name, _, value = flag.partition("=")
-    return f"{name}=<{'/'.join(FALLBACK_SYMBOLS)} in /proc/kallsyms>" if name == "-DKS_FALLBACK_SYM" \
-        and int(value.removesuffix("ULL"), 0) else flag
+    if name == "-DKS_FALLBACK_SYM" and int(value.removesuffix("ULL"), 0):
+        return f"{name}=<{'/'.join(FALLBACK_SYMBOLS)} in /proc/kallsyms>"
+    if name == "-DKS_PER_CPU_OFFSET":
+        return f"{name}=<__per_cpu_offset in /proc/kallsyms>"
+    return flag
 
 
 def describe(attachments: list[Attachment]) -> list[str]:
@@ -214,6 +219,9 @@ class Recorder:
             tool=f"keyslot-trace {__version__}", host=platform.node(),
             start_time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             extra={"probe_type": self.setup.probe_type,
+                   # the probes tell interrupts from tasks: every event run in an interrupt has
+                   # tid 0 and "irq": true (docs/trace-format.md)
+                   "irq_context": any(f.startswith("-DKS_PER_CPU_OFFSET=") for f in self.setup.cflags),
                    **({"fentry_error": self.fentry_error} if self.fentry_error else {}),
                    "probes": [{"name": a.spec.name, "symbol": a.symbol, "attached": a.attached,
                                **({} if a.attached else {"reason": a.reason})} for a in self.setup.attachments]},

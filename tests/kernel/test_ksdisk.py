@@ -11,6 +11,7 @@ that dm does not pass inline crypto down (the fallback encrypts above dm).
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -141,6 +142,65 @@ def test_puts_from_interrupts_are_paired_per_cpu(recording):
                 assert call.slot == e.slot, (probe_type, call, e)
                 pairs += 1
         assert pairs > 50 and idle_cpus, (probe_type, pairs, idle_cpus)
+
+
+def raw_lines(path, start: int, end: int) -> list[dict]:
+    """A trace file's events in [start, end] as written (with fields replay does not read)."""
+    with open(path) as f:
+        next(f)
+        return [e for e in map(json.loads, f) if start <= e["t"] <= end]
+
+
+def test_the_probes_tell_interrupts_from_tasks(recording):
+    """Which puts ran in an interrupt, against the driver's own count: ksdisk counts the
+    requests holding a keyslot that it completed with in_task() false (the kernel puts
+    the keyslot right there, in blk_mq_end_request). The probes read the CPU's preempt
+    count (x86-64: header irq_context) and write those puts with tid 0 and "irq": true.
+    deep-queue completes every request from an hrtimer (hold_ms): they come from both
+    CPUs. Its gets, made by the workload's tasks, are never marked."""
+    start, end = recording.window("deep-queue")
+    truth = recording.report("deep-queue")["result"]["stats_delta"]
+    for probe_type in recording.kernel.probe_types:
+        header = json.loads(recording.trace_path(probe_type).open().readline())
+        assert header["irq_context"] is True, probe_type
+        ev = raw_lines(recording.trace_path(probe_type), start, end)
+        disk = {e["p"] for e in ev if e["ev"] == "profile_register" and e["device"].startswith("ksdisk")}
+        puts = [e for e in ev if e["ev"] == "put_call" and e["p"] in disk]
+        in_irq = [e for e in puts if e.get("irq")]
+        assert all(e["tid"] == 0 for e in in_irq)
+        # probe hits the kernel skipped (kprobes re-entered from an interrupt) are reported
+        missed = kernel_misses(parse_trace(window_bytes(recording.trace_path(probe_type).read_bytes(), start, end)),
+                               start, end)
+        assert truth["rq_crypt_slot"] - missed <= len(puts) <= truth["rq_crypt_slot"], probe_type
+        assert truth["irq_slot_puts"] - missed <= len(in_irq) <= truth["irq_slot_puts"], (probe_type, len(in_irq))
+        assert len(puts) - len(in_irq) <= truth["rq_crypt_slot"] - truth["irq_slot_puts"], probe_type
+        assert len({e["cpu"] for e in in_irq}) == 2, probe_type
+        gets = [e for e in ev if e["ev"] == "get_call" and e["p"] in disk]
+        assert gets and not any(e.get("irq") for e in gets), probe_type
+
+
+def test_an_injected_refcount_bug_behind_an_interrupt_put_is_caught(recording):
+    """A bug on the kernel side: ksdisk's extra_put makes one request completed from its
+    hrtimer put its keyslot twice, from the interrupt. The kernel notices nothing (the
+    count goes below zero later, with no warning); replay of the scenario must say
+    DIVERGED, at a put of the slot the bug hit: a put of a slot nobody holds. The extra
+    put is in the trace as the interrupt's (tid 0, irq), one more than the driver's
+    interrupt completions."""
+    start, end = recording.window("extra-put")
+    rep = recording.report("extra-put")
+    truth, slot = rep["result"]["stats_delta"], rep["result"]["extra_put_slot"]
+    assert truth["extra_puts"] == 1
+    for probe_type in recording.kernel.probe_types:
+        ev = raw_lines(recording.trace_path(probe_type), start, end)
+        disk = {e["p"] for e in ev if e["ev"] == "profile_register" and e["device"].startswith("ksdisk")}
+        in_irq = [e for e in ev if e["ev"] == "put_call" and e["p"] in disk and e.get("irq")]
+        assert len(in_irq) == truth["irq_slot_puts"] + 1, probe_type
+        trace = parse_trace(window_bytes(recording.trace_path(probe_type).read_bytes(), start, end))
+        r = check(trace)
+        assert not kernel_misses(trace, start, end), probe_type  # (else it may rightly say UNKNOWN)
+        assert r.verdict is Verdict.DIVERGED, (probe_type, r.verdict)
+        assert r.divergence.op.kind == "put" and f"put of slot {slot}," in r.divergence.reason, \
+            (probe_type, r.divergence.reason)
 
 
 def test_dm_passthrough_evicts_through_dm_down_to_the_disk(recording):

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from replay.checker import check
-from replay.trace import read_trace
-from tests.kernel.traces import history_differences, kernel_misses, verdict_is_sound
+from replay.trace import parse_trace, read_trace
+from tests.kernel.traces import history_differences, kernel_misses, verdict_is_sound, window_bytes
 from tracer.btf import BTF
 from tracer.tracefs import LAYOUTS, layout_from_btf
 
@@ -47,11 +47,13 @@ def test_the_script_ran_to_a_clean_stop(recording):
         assert f"# probe {name} " in capture and f"# probe {name} - missing" not in capture
 
 
-def test_tracefs_trace_replays_agree(tracefs_trace):
-    """The whole run, late attach included: the script probes ksdisk's callbacks by
-    MODULE:SYMBOL, so every load of the module is traced from its first event."""
-    r = check(tracefs_trace)
-    assert verdict_is_sound(r.verdict, kernel_misses(tracefs_trace, 0, 1 << 63)), \
+def test_tracefs_trace_replays_agree(recording, tracefs_trace):
+    """The whole run up to the injected bug, late attach included: the script probes
+    ksdisk's callbacks by MODULE:SYMBOL, so every load of the module is traced from its
+    first event."""
+    end = recording.bug_start - 1
+    r = check(parse_trace(window_bytes(Path(tracefs_trace.path).read_bytes(), 0, end)))
+    assert verdict_is_sound(r.verdict, kernel_misses(tracefs_trace, 0, end)), \
         (r.verdict, r.divergence and r.divergence.reason, r.profiles)
     # a skipped probe hit is placed between two polls of the kernel's counters, about a
     # second apart: not "somewhere in the capture", which would excuse everything
@@ -134,7 +136,9 @@ def test_record_tracefs_is_the_same_script_imported(recording, tracefs_trace):
     a complete trace of the same run, without the capture (raw pointers) left behind."""
     assert recording.run["tracefs"]["record_rc"] == 0, (recording.out / "record-tracefs.log").read_text()
     trace = read_trace(str(recording.out / "trace-record-tracefs.ndjson"))
-    assert verdict_is_sound(check(trace).verdict, kernel_misses(trace, 0, 1 << 63))
+    end = recording.bug_start - 1
+    whole = parse_trace(window_bytes((recording.out / "trace-record-tracefs.ndjson").read_bytes(), 0, end))
+    assert verdict_is_sound(check(whole).verdict, kernel_misses(trace, 0, end))
     start = min(w["start_ns"] for w in recording.run["scenarios"].values())
     end = max(w["end_ns"] for w in recording.run["scenarios"].values())
     assert history_differences(tracefs_trace, trace, start, end) == []

@@ -95,7 +95,9 @@ def history_differences(a: Trace, b: Trace, start: int, end: int) -> list[str]:
     sequential; dm's nested evicts too). Puts also run from interrupts (request
     completion), and an interrupt lands on whichever task it interrupts (its tid, or 0
     in every CPU's idle task) and may fall between the two recorders' probes on one
-    function: puts are compared as a multiset per thread."""
+    function; a recorder that knows interrupts (bcc on x86-64: header irq_context) writes
+    tid 0 for it, one that does not (tracefs) the interrupted task's: puts are compared
+    as one multiset, by outcome and time."""
     problems = []
     mapping: dict[str, dict[str, str]] = {"key": {}, "profile": {}}
 
@@ -125,7 +127,10 @@ def history_differences(a: Trace, b: Trace, start: int, end: int) -> list[str]:
             if any(lo <= e.t <= hi for lo, hi in gaps):
                 continue
             if start <= e.t <= end and e.kind.name in OPERATION_KINDS:
-                (puts if e.kind.name in ("put_call", "put_return") else seqs)[e.tid].append(e)
+                if e.kind.name in ("put_call", "put_return"):
+                    puts["any"].append(e)
+                else:
+                    seqs[e.tid].append(e)
         return seqs, puts
 
     (sa, ia), (sb, ib) = threads(a), threads(b)
@@ -152,6 +157,6 @@ def history_differences(a: Trace, b: Trace, start: int, end: int) -> list[str]:
         # the same put in both traces: same outcome, stamped within the recorders' skew
         unmatched = [e for e in _unmatched(ia.get(tid, []), ib.get(tid, [])) if not near_gap(e)]
         if unmatched:
-            problems.append(f"tid {tid}: {len(unmatched)} put event(s) in one trace only, first "
+            problems.append(f"{len(unmatched)} put event(s) in one trace only, first "
                             f"{_outcome(unmatched[0])} at {unmatched[0].t}")
     return problems

@@ -22,7 +22,8 @@
  * Fault and timing knobs, all writable at runtime under
  * /sys/module/ksdisk/parameters/ (see README.md): fail_program_nth,
  * fail_program_repeat, program_delay_us, fail_evict, reprogram_all, hold_ms;
- * flood starts a kernel thread submitting encrypted bios at a set rate.
+ * flood starts a kernel thread submitting encrypted bios at a set rate;
+ * extra_put injects a keyslot-manager refcount bug from an interrupt.
  * Counters: /sys/module/ksdisk/parameters/stats (read-only).
  *
  * Test code only.  Key bytes are used to key the tfms and are never logged.
@@ -46,6 +47,8 @@
 #include <linux/kthread.h>
 #include <linux/wait.h>
 #include <linux/sched/task.h>
+#include <linux/kprobes.h>
+#include <linux/kallsyms.h>
 #include <crypto/skcipher.h>
 
 #ifndef CONFIG_BLK_INLINE_ENCRYPTION
@@ -82,6 +85,7 @@
 #define ks_reprogram_all_keys	blk_ksm_reprogram_all_keys
 #define KS_HAVE_PASSTHROUGH	0
 #define KS_INIT_NAME		"blk_ksm_init"
+#define KS_PUT_NAME		"blk_ksm_put_slot"
 #else
 #include <linux/blk-crypto-profile.h>
 #define ks_profile		blk_crypto_profile
@@ -95,6 +99,7 @@
 #define ks_reprogram_all_keys	blk_crypto_reprogram_all_keys
 #define KS_HAVE_PASSTHROUGH	1
 #define KS_INIT_NAME		"blk_crypto_profile_init"
+#define KS_PUT_NAME		"blk_crypto_put_keyslot"
 #endif
 
 /* blk_mq_ops.timeout lost its "bool reserved" argument in 6.0. */
@@ -201,6 +206,11 @@ struct ksdisk_stats {
 	atomic_t reprogram_all_calls, reset_sims, scrambles;
 	atomic_t rq_plain, rq_crypt_slot, rq_crypt_passthrough, rq_flush, rq_errors;
 	atomic_t rq_unprogrammed_slot, passthrough_rekeys;
+	/* completions of requests holding a keyslot, in interrupt context (!in_task()):
+	 * the kernel puts their keyslot right there, so the trace's interrupt puts of
+	 * this disk are these (and the injected ones) */
+	atomic_t irq_slot_puts;
+	atomic_t extra_puts, extra_put_slot;
 	atomic_t inflight, max_inflight;
 	atomic_t flood_runs, flood_running, flood_submitted, flood_completed, flood_errors;
 	atomic_t flood_key_evicts, flood_max_inflight;
@@ -543,9 +553,81 @@ static void ksdisk_finish(struct ksdisk_cmd *cmd)
 		blk_mq_complete_request(cmd->rq);
 }
 
+/*
+ * Injected bug (extra_put=N): the next N requests completed by the hold_ms timer put
+ * their keyslot once more than they took it, from the timer (hardirq), before their
+ * own put - a refcount bug in the keyslot path that the kernel does not notice (the
+ * count goes below zero later, with no warning) but a trace replayed against the
+ * model must: a put of a slot nobody holds. The put function is not exported; it is
+ * found through a kprobe's symbol lookup (KPROBES), as it is the probes' own target.
+ */
+typedef typeof(((struct request *)0)->crypt_keyslot) ks_keyslot_ptr;
+static void (*ks_put_keyslot)(ks_keyslot_ptr slot);
+static atomic_t extra_puts_armed = ATOMIC_INIT(0);
+
+static int find_put_keyslot(void)
+{
+#if defined(CONFIG_KPROBES) && !defined(CONFIG_X86_KERNEL_IBT)
+	struct kprobe kp = { .symbol_name = KS_PUT_NAME };
+	char where[KSYM_SYMBOL_LEN];
+	int ret;
+
+	if (ks_put_keyslot)
+		return 0;
+	ret = register_kprobe(&kp);
+	if (ret)
+		return ret;
+	unregister_kprobe(&kp);
+	/* the kprobe's address must be the function's start to be called */
+	sprint_symbol(where, (unsigned long)kp.addr);
+	if (strncmp(where, KS_PUT_NAME "+0x0/", strlen(KS_PUT_NAME "+0x0/")))
+		return -EOPNOTSUPP;
+	ks_put_keyslot = (void *)kp.addr;
+	return 0;
+#else
+	return -EOPNOTSUPP; /* no kprobes, or IBT (an indirect call needs the ENDBR) */
+#endif
+}
+
+static int extra_put_set(const char *val, const struct kernel_param *kp)
+{
+	unsigned int v;
+	int ret = kstrtouint(val, 0, &v);
+
+	if (ret)
+		return ret;
+	if (v) {
+		ret = find_put_keyslot();
+		if (ret)
+			return ret;
+	}
+	atomic_set(&extra_puts_armed, v);
+	return 0;
+}
+
+static int extra_put_get(char *buf, const struct kernel_param *kp)
+{
+	return sysfs_emit(buf, "%d\n", atomic_read(&extra_puts_armed));
+}
+
+static const struct kernel_param_ops extra_put_ops = {
+	.set = extra_put_set,
+	.get = extra_put_get,
+};
+module_param_cb(extra_put, &extra_put_ops, NULL, 0644);
+MODULE_PARM_DESC(extra_put, "inject a bug: the next N timer-completed requests put their keyslot twice (needs hold_ms)");
+
 static enum hrtimer_restart ksdisk_timer_fn(struct hrtimer *t)
 {
-	ksdisk_finish(container_of(t, struct ksdisk_cmd, timer));
+	struct ksdisk_cmd *cmd = container_of(t, struct ksdisk_cmd, timer);
+	struct ksdisk_dev *d = cmd->rq->q->queuedata;
+
+	if (cmd->rq->crypt_keyslot && ks_put_keyslot && atomic_add_unless(&extra_puts_armed, -1, 0)) {
+		atomic_inc(&d->st.extra_puts);
+		atomic_set(&d->st.extra_put_slot, cmd->slot);
+		ks_put_keyslot(cmd->rq->crypt_keyslot);
+	}
+	ksdisk_finish(cmd);
 	return HRTIMER_NORESTART;
 }
 
@@ -579,7 +661,11 @@ static blk_status_t ksdisk_queue_rq(struct blk_mq_hw_ctx *hctx,
 static void ksdisk_complete_rq(struct request *rq)
 {
 	struct ksdisk_cmd *cmd = blk_mq_rq_to_pdu(rq);
+	struct ksdisk_dev *d = rq->q->queuedata;
 
+	/* ending the request frees it, which puts its keyslot, in this context */
+	if (rq->crypt_keyslot && !in_task())
+		atomic_inc(&d->st.irq_slot_puts);
 	blk_mq_end_request(rq, cmd->status);
 }
 
@@ -979,6 +1065,7 @@ static int stats_get(char *buf, const struct kernel_param *kp)
 	S(reprogram_all_calls); S(reset_sims); S(scrambles);
 	S(rq_plain); S(rq_crypt_slot); S(rq_crypt_passthrough); S(rq_flush); S(rq_errors);
 	S(rq_unprogrammed_slot); S(passthrough_rekeys);
+	S(irq_slot_puts); S(extra_puts); S(extra_put_slot);
 	S(inflight); S(max_inflight);
 	S(flood_runs); S(flood_running); S(flood_submitted); S(flood_completed); S(flood_errors);
 	S(flood_key_evicts); S(flood_max_inflight);

@@ -18,7 +18,7 @@ C_PROGRAM = r"""
 #define F(field) printf("field %s %zu %zu\n", #field, offsetof(struct ks_event, field), sizeof(((struct ks_event *)0)->field));
 int main(void) {
     printf("size %zu\n", sizeof(struct ks_event));
-    F(ts_ns) F(profile) F(key) F(aux) F(kind) F(cpu) F(tid) F(tgid) F(slot) F(result) F(name)
+    F(ts_ns) F(profile) F(key) F(aux) F(kind) F(context) F(reserved) F(cpu) F(tid) F(tgid) F(slot) F(result) F(name)
     KS_EVENT_KINDS(PRINT_KIND)
     printf("const NO_SLOT %d\n", KS_NO_SLOT);
     printf("const NAME_LEN %d\n", KS_NAME_LEN);
@@ -28,6 +28,9 @@ int main(void) {
     printf("const HIST_BUCKETS %d\n", KS_HIST_BUCKETS);
     printf("const HIST_SLOT_WAIT %d\n", KS_HIST_SLOT_WAIT);
     printf("const HIST_PROGRAM %d\n", KS_HIST_PROGRAM);
+    printf("const CTX_UNKNOWN %d\n", KS_CTX_UNKNOWN);
+    printf("const CTX_TASK %d\n", KS_CTX_TASK);
+    printf("const CTX_IRQ %d\n", KS_CTX_IRQ);
     KS_COUNTERS(PRINT_COUNTER)
     return 0;
 }
@@ -59,7 +62,7 @@ def test_constants_match(c_view):
     import probes.events as ev
 
     consts = {x[1]: int(x[2]) for x in c_view if x[0] == "const"}
-    assert consts == {name: getattr(ev, name) for name in consts} and len(consts) == 8
+    assert consts == {name: getattr(ev, name) for name in consts} and len(consts) == 11
 
 
 def test_counters_match_the_header_and_the_event_aggregator(c_view):

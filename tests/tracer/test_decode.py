@@ -1,6 +1,6 @@
 """Raw kernel events -> trace lines: fingerprints, first sight of a profile, -d DISK."""
 
-from probes.events import NO_SLOT, PROFILE_IS_FALLBACK, EventKind, RawEvent
+from probes.events import CTX_IRQ, CTX_TASK, NO_SLOT, PROFILE_IS_FALLBACK, EventKind, RawEvent
 from replay.checker import Verdict, check
 from replay.trace import Header, dumps_events, parse_trace
 from tracer.decode import Decoder, Fingerprinter
@@ -8,9 +8,10 @@ from tracer.decode import Decoder, Fingerprinter
 PROFILE, KEY = 0xFFFF888012345000, 0xFFFF888099990000
 
 
-def raw(kind, t, profile=PROFILE, key=0, slot=NO_SLOT, result=0, aux=4, name=b"", tid=7, tgid=None):
-    return RawEvent(ts_ns=t, profile=profile, key=key, aux=aux, kind=EventKind[kind].value, cpu=0, tid=tid,
-                    tgid=tid if tgid is None else tgid, slot=slot, result=result, name=name)
+def raw(kind, t, profile=PROFILE, key=0, slot=NO_SLOT, result=0, aux=4, name=b"", tid=7, tgid=None, cpu=0,
+        context=0):
+    return RawEvent(ts_ns=t, profile=profile, key=key, aux=aux, kind=EventKind[kind].value, cpu=cpu, tid=tid,
+                    tgid=tid if tgid is None else tgid, slot=slot, result=result, name=name, context=context)
 
 
 def decode(events, **kw):
@@ -173,3 +174,39 @@ def test_a_comm_is_at_most_15_characters_and_any_bytes_decode():
     assert call["comm"] == "bad\ufffd\ufffdname"
     h = Header(kernel="6.1", api="blk_crypto", semantics="mainline-unlink")
     assert parse_trace(dumps_events(h, [call])).events[0].comm == call["comm"]
+
+
+def test_an_interrupt_is_no_task_and_its_put_is_not_inside_the_task_it_interrupted():
+    """A request completes in an interrupt on the CPU where task 1234 is inside a put of
+    its own: the interrupt's put borrows tid 1234. Written with that tid, the interrupt's
+    put_call would come inside the task's open put, where no call of the task can, and
+    the task's put would be taken for one that never returned (UNKNOWN at best). The
+    probes say "interrupt": it is written as tid 0 (no task, paired per CPU) with
+    "irq": true, and the history is whole. A get in an interrupt names no process."""
+    task = dict(tid=1234, tgid=1200, context=CTX_TASK)
+    irq = dict(tid=1234, tgid=1200, context=CTX_IRQ)
+    events = [raw("profile_init", 1, aux=2),
+              raw("get_call", 10, key=KEY, name=b"fio", **task),
+              raw("program_call", 11, key=KEY, slot=0, **task),
+              raw("program_return", 12, key=KEY, slot=0, **task),
+              raw("get_return", 13, key=KEY, slot=0, **task),
+              raw("get_call", 14, key=KEY, name=b"fio", **irq),
+              raw("get_return", 15, key=KEY, slot=0, **irq),
+              raw("put_call", 20, slot=0, **task),
+              raw("put_call", 21, slot=0, **irq),
+              raw("put_return", 22, slot=0, **irq),
+              raw("put_return", 23, slot=0, **task),
+              raw("evict_call", 30, key=KEY, **task),
+              raw("drv_evict_call", 31, key=KEY, slot=0, **task),
+              raw("drv_evict_return", 32, key=KEY, slot=0, **task),
+              raw("evict_return", 33, key=KEY, **task)]
+    lines = decode(events)
+    assert [(r["tid"], r.get("irq")) for r in lines if r["t"] in (14, 15, 21, 22)] == [(0, True)] * 4
+    assert all(r["tid"] == 1234 and "irq" not in r for r in lines[1:] if r["t"] not in (14, 15, 21, 22))
+    assert "pid" not in lines[5] and "comm" not in lines[5]
+    header = Header(kernel="6.1", api="blk_crypto", semantics="mainline-unlink")
+    assert check(parse_trace(dumps_events(header, lines))).verdict is Verdict.AGREE
+    # the same events with the interrupt's borrowed tid, as before the probes knew
+    blind = decode([raw(r.kind and EventKind(r.kind).name, r.ts_ns, key=r.key, slot=r.slot, name=r.name,
+                        tid=r.tid, tgid=r.tgid, context=0) for r in events])
+    assert check(parse_trace(dumps_events(header, blind))).verdict is Verdict.UNKNOWN
