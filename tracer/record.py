@@ -12,7 +12,9 @@ import dataclasses
 import datetime
 import os
 import platform
+import re
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -257,8 +259,26 @@ class Recorder:
             raise ProbeError(f"compiling the BPF program failed ({e}); kernel headers: "
                              "/lib/modules/$(uname -r)/build or CONFIG_IKHEADERS") from None
         self.attach_start_ns = time.monotonic_ns()
-        self._attach_kprobes(self.setup.attachments)
-        return time.monotonic() - t0
+        # bcc loads each program when it attaches it, and prints the verifier's whole log
+        # on stderr when the kernel refuses one: kept, and shown in one line with a file
+        with _captured_stderr(True) as log:
+            try:
+                self._attach_kprobes(self.setup.attachments)
+            except ProbeError as e:
+                failed = e
+            else:
+                failed = None
+        if failed is None:
+            os.write(2, log.text.encode())
+            return time.monotonic() - t0
+        if "Failed to load BPF program" not in str(failed) or not log.text.strip():
+            raise failed
+        fd, path = tempfile.mkstemp(prefix="keyslot-trace-verifier-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(log.text)
+        where = re.match(r"attaching to (\S+) failed", str(failed))
+        raise ProbeError(f"the kernel's BPF verifier refused the program for {where[1] if where else 'a probe'} "
+                         f"({_gist(log.text) or 'see its log'}); its log: {path}") from None
 
     def _attach_kprobes(self, attachments: list[Attachment]) -> None:
         for a in attachments:

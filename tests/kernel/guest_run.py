@@ -29,6 +29,8 @@ import argparse
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,8 +149,46 @@ def bad_environments(tool: list[str], out: Path, env: dict) -> dict:
             rc, stderr = "hung", (e.stderr or b"").decode(errors="replace")
         results[name] = {"rc": rc, "stderr": stderr[-3000:], "seconds": round(time.monotonic() - t0, 1),
                          "trace": trace.read_text(errors="replace")[:200_000] if trace.exists() else None}
+    results["verifier refuses record"] = refused_program(tool, env)
     (out / "bad-environments.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+# Every program record may attach, made one the verifier refuses on any kernel: it writes
+# through a number. Compiles in seconds (no kernel headers beyond ptrace.h).
+REFUSED_PROGRAM = """#include <uapi/linux/ptrace.h>
+BPF_PERF_OUTPUT(events);
+#define REFUSED(name) int name(struct pt_regs *ctx) { *(volatile u64 *)(long)bpf_get_prandom_u32() = 0; return 0; }
+"""
+
+
+def refused_program(tool: list[str], env: dict) -> dict:
+    """The installed tool, with its BPF program replaced by one the kernel's verifier
+    refuses (as a stricter or older verifier may refuse ours): the installed package is
+    read-only here, so a copy of its probes package goes first on sys.path."""
+    py = str(Path(tool[0]).parent / "python")
+    where = subprocess.run([py, "-c", "import probes, os; print(os.path.dirname(probes.__file__))"], env=env,
+                           capture_output=True, text=True, check=True, cwd="/tmp").stdout.strip()
+    fake = Path("/tmp/refused-program")
+    shutil.rmtree(fake, ignore_errors=True)
+    shutil.copytree(where, fake / "probes")
+    program = fake / "probes" / "keyslot.bpf.c"
+    names = re.findall(r"^int (\w+)\(struct pt_regs \*ctx", program.read_text(), re.M)
+    program.write_text(REFUSED_PROGRAM + "".join(f"REFUSED({n})\n" for n in names))
+    trace = Path("/tmp/bad-env-verifier.ndjson")
+    trace.unlink(missing_ok=True)
+    cmd = [py, "-c", f"import sys; sys.path.insert(0, {str(fake)!r}); sys.argv[0] = 'keyslot-trace'; "
+                     "from tracer.cli import main; main()",
+           "record", "--probe-type", "kprobe", "--duration", "2", "-o", str(trace)]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd="/tmp")
+    log = re.search(r"its log: (\S+)", r.stderr)
+    return {"rc": r.returncode, "stderr": r.stderr[-3000:], "seconds": round(time.monotonic() - t0, 1),
+            "trace": trace.read_text(errors="replace")[:200_000] if trace.exists() else None,
+            "probes_loaded_from": subprocess.run(cmd[:2] + ["import sys; sys.path.insert(0, %r); import probes; "
+                                                            "print(probes.__file__)" % str(fake)],
+                                                 env=env, capture_output=True, text=True).stdout.strip(),
+            "log": Path(log[1]).read_text(errors="replace")[-5000:] if log and Path(log[1]).exists() else None}
 
 
 def main() -> int:

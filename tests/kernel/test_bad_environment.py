@@ -48,3 +48,18 @@ def test_tracefs_alone_is_enough_without_debugfs(results):
     assert r["rc"] == 0, r
     trace = parse_trace(r["trace"].encode(), "bad-env")
     assert trace.header.extra["source"] == "tracefs"
+
+
+def test_a_program_the_verifier_refuses_is_one_line_and_its_log_is_kept(results):
+    """The installed tool with its BPF program replaced by one no verifier accepts
+    (guest_run.refused_program): bcc prints the verifier's whole log when the kernel
+    refuses a program; record keeps it in a file and says why in one line, exit 1."""
+    r = results["verifier refuses record"]
+    assert r["probes_loaded_from"].startswith("/tmp/refused-program/"), r  # the replaced program was the one used
+    assert r["rc"] == 1, r
+    lines = r["stderr"].strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r["stderr"], r["stderr"]
+    assert "the kernel's BPF verifier refused the program for " in lines[0], lines[0]
+    assert "invalid mem access" in lines[0], lines[0]  # the verifier's own reason, from its log
+    assert r["log"] and "invalid mem access" in r["log"], r  # the whole log, where the line says
+    assert r["trace"] is None, "an empty or partial trace was left behind"
