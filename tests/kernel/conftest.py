@@ -121,7 +121,7 @@ def recording(kernel, ksdisk, installed_tool) -> Recording:
     scenarios = [f"fscrypt:{s}" for s in FSCRYPT_SCENARIOS] + [f"ksdisk:{s}" for s in KSDISK_SCENARIOS
                                                                  + KSDISK_BUG_SCENARIOS]
     cmd = (f"{sys.executable} {ROOT / 'tests/kernel/guest_run.py'} --tool {installed_tool} --out {out} --ko {ksdisk} "
-           + " --tracefs --bad-environments " + " ".join(f"--probe-type {t}" for t in kernel.probe_types)
+           + " --tracefs --mid-stream --bad-environments " + " ".join(f"--probe-type {t}" for t in kernel.probe_types)
            + " " + " ".join(f"--scenario {s}" for s in scenarios))
     # a module bug that oopses must end the run at once, not hang it until the timeout
     r = run_in_vm(cmd, kernel=kernel.image, timeout=3600, rwdirs=[out], memory="2G", cpus=2,

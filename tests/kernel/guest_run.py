@@ -15,8 +15,9 @@ busybox sh (capture.txt, tracefs.log), and meanwhile further copies of it are st
 and killed at random moments (kill-N.txt, kill-N.log): after each, and after all,
 run.json says which of their kprobes and trace instances were left behind.
 
-At the end, with --bad-environments: the tool where it must refuse to trace
-(bad-environments.json).
+At the end, with --mid-stream: `record --tracefs` started while fscrypt's lru-churn runs
+again and again (trace-midstream.ndjson); with --bad-environments: the tool where it
+must refuse to trace (bad-environments.json).
 
 Also writes to OUT: <scenario>.json (workload reports), doctor.txt, run.json
 (per-scenario CLOCK_MONOTONIC windows in ns, exit codes, the scenario process's pid
@@ -191,6 +192,34 @@ def refused_program(tool: list[str], env: dict) -> dict:
             "log": Path(log[1]).read_text(errors="replace")[-5000:] if log and Path(log[1]).exists() else None}
 
 
+def attach_mid_stream(tool: list[str], out: Path, env: dict, seconds: int = 30) -> dict:
+    """`record` started while an LRU-churn workload runs, after a first run has filled
+    the fallback's slots with keys it never sees programmed: its probes go live in the
+    middle of operations. lru-churn runs again and again until the recording ends.
+    With --tracefs (the script needs no compile): a bcc compile beside this workload
+    once failed to extract bcc's kernel headers in the guest (see the README)."""
+    stop, runs = threading.Event(), []
+
+    def churn() -> None:
+        while not stop.is_set():
+            w = subprocess.run([sys.executable, str(RUNNERS["fscrypt"]), "--scenario", "lru-churn", "--no-scan",
+                                "--report", "/dev/null"], capture_output=True, text=True)
+            runs.append({"rc": w.returncode, "end_ns": time.monotonic_ns(), "stderr": w.stderr[-500:]})
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    while not runs and worker.is_alive():
+        time.sleep(0.5)
+    log = out / "record-midstream.log"
+    t0, started_ns = time.monotonic(), time.monotonic_ns()
+    rc = subprocess.run(tool + ["record", "--tracefs", "--duration", str(seconds), "-o",
+                                str(out / "trace-midstream.ndjson")],
+                        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, timeout=900).returncode
+    stop.set()
+    worker.join()
+    return {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "started_ns": started_ns, "workload_runs": runs}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -199,6 +228,8 @@ def main() -> int:
     ap.add_argument("--probe-type", action="append", choices=["auto", "fentry", "kprobe"],
                     help="one recorder per type (default: auto)")
     ap.add_argument("--tracefs", action="store_true", help="also capture with the tracefs script (busybox sh)")
+    ap.add_argument("--mid-stream", action="store_true",
+                    help="at the end, record while a workload is already running (trace-midstream.ndjson)")
     ap.add_argument("--bad-environments", action="store_true",
                     help="at the end, run the tool where it cannot trace (bad-environments.json)")
     ap.add_argument("--tool", required=True,
@@ -294,6 +325,8 @@ def main() -> int:
         nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "busybox", "sh",
                                  str(mine), "-o", "/tmp/nobody-capture.txt"], capture_output=True, text=True, cwd="/tmp")
         run["tracefs"]["as_nobody"] = {"rc": nobody.returncode, "stderr": nobody.stderr}
+    if args.mid_stream:
+        run["midstream"] = attach_mid_stream(tool, out, env)
     if args.bad_environments:
         bad_environments(tool, out, env)
     (out / "run.json").write_text(json.dumps(run, indent=1))

@@ -1,0 +1,36 @@
+"""Attach anytime, on a real kernel of every generation (guest_run.py --mid-stream, after
+the recording): `record --tracefs` started while fscrypt's LRU-churn workload ran again
+and again, after a first run had filled the fallback's slots with keys the recording
+never saw programmed, so its probes went live in the middle of operations. The checker
+must start that profile from an unknown state and never blame the kernel for what
+happened before the attach. (The reverse, a profile destroyed while recording, is every
+ksdisk scenario's rmmod; a bcc `record` attached mid-workload is bench/signal_rounds.py's.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from replay.checker import Verdict, check
+from replay.trace import read_trace
+from tests.kernel.traces import kernel_misses
+
+pytestmark = pytest.mark.vm
+
+
+def test_record_started_mid_workload_is_never_diverged(recording):
+    mid = recording.run["midstream"]
+    assert mid["rc"] == 0, (recording.out / "record-midstream.log").read_text()
+    runs = mid["workload_runs"]
+    assert runs and all(r["rc"] == 0 for r in runs), runs
+    trace = read_trace(recording.out / "trace-midstream.ndjson")
+    first = min(e.t for e in trace.events if e.kind.name != "lost")
+    # the slots were filled before the recording began, and the workload went on during it
+    assert runs[0]["end_ns"] < mid["started_ns"] < first and len(runs) >= 2, runs
+    assert any(r["end_ns"] > first for r in runs), "no workload ran while recording"
+    r = check(trace)
+    # AGREE or UNKNOWN (a loss, or an unknown state the history cannot settle), never DIVERGED
+    assert r.verdict in (Verdict.AGREE, Verdict.UNKNOWN), (r.verdict, r.divergence and r.divergence.reason,
+                                                           kernel_misses(trace, 0, 1 << 63))
+    fallback = [p for p in r.profiles if p.device == "blk-crypto-fallback"]
+    assert len(fallback) == 1 and fallback[0].started_unknown, r.profiles
+    assert fallback[0].ops_checked > 50, fallback
