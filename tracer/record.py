@@ -253,31 +253,35 @@ class Recorder:
                                  "falls back to kprobes") from None
             self.fentry_error = _gist(log.text) or str(failed)
             self.setup.probe_type = "kprobe"
-        try:
-            self.bpf = bcc.BPF(text=bpf_source(), cflags=cflags)
-        except Exception as e:  # bcc raises bare Exception; clang's messages are already on stderr
-            raise ProbeError(f"compiling the BPF program failed ({e}); kernel headers: "
-                             "/lib/modules/$(uname -r)/build or CONFIG_IKHEADERS") from None
-        self.attach_start_ns = time.monotonic_ns()
-        # bcc loads each program when it attaches it, and prints the verifier's whole log
-        # on stderr when the kernel refuses one: kept, and shown in one line with a file
+        # clang prints its errors on stderr when the program does not compile, and bcc the
+        # verifier's whole log when the kernel refuses a program (it loads each one as it
+        # attaches it): kept, and a failure said in one line naming the file they are in.
         with _captured_stderr(True) as log:
             try:
-                self._attach_kprobes(self.setup.attachments)
-            except ProbeError as e:
-                failed = e
+                self.bpf = bcc.BPF(text=bpf_source(), cflags=cflags)
+            except Exception as e:  # bcc raises bare Exception
+                failed = ProbeError(f"compiling the BPF program failed ({e}); kernel headers: "
+                                    "/lib/modules/$(uname -r)/build or CONFIG_IKHEADERS")
             else:
-                failed = None
+                self.attach_start_ns = time.monotonic_ns()
+                try:
+                    self._attach_kprobes(self.setup.attachments)
+                except ProbeError as e:
+                    failed = e
+                else:
+                    failed = None
         if failed is None:
             os.write(2, log.text.encode())
             return time.monotonic() - t0
-        if "Failed to load BPF program" not in str(failed) or not log.text.strip():
+        if not log.text.strip():
             raise failed
-        fd, path = tempfile.mkstemp(prefix="keyslot-trace-verifier-", suffix=".log")
+        fd, path = tempfile.mkstemp(prefix="keyslot-trace-bpf-", suffix=".log")
         with os.fdopen(fd, "w") as f:
             f.write(log.text)
-        where = re.match(r"attaching to (\S+) failed", str(failed))
-        raise ProbeError(f"the kernel's BPF verifier refused the program for {where[1] if where else 'a probe'} "
+        where = re.match(r"attaching to (\S+) failed: Failed to load BPF program", str(failed))
+        if where is None:
+            raise ProbeError(f"{failed}; its messages: {path}") from None
+        raise ProbeError(f"the kernel's BPF verifier refused the program for {where[1]} "
                          f"({_gist(log.text) or 'see its log'}); its log: {path}") from None
 
     def _attach_kprobes(self, attachments: list[Attachment]) -> None:

