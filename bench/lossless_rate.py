@@ -2,7 +2,10 @@
 """The recorder's maximum lossless rate, measured on the test kernel in the VM (issue 14).
 
 Usage: python3 bench/lossless_rate.py [--gen 6.1] [--gen 6.12] [--rates 500,1000,...,0]
-           [--seconds 4] [--keys 8] [--slots 4] [--out DIR]
+           [--seconds 4] [--keys 8] [--slots 4] [--probe-types fentry,kprobe] [--out DIR]
+       The soak (10 minutes at a lossless rate R, then 10 at 2R, one recording throughout):
+       python3 bench/lossless_rate.py --probe-types fentry --rates R,2R --seconds 600 --out DIR
+       (the VM's timeout grows with the floods; the trace, millions of events, is read as a stream)
 
 One VM boot per kernel generation (QEMU software emulation, 2 vCPUs). Inside it, for each
 probe type (fentry, kprobe), one installed `keyslot-trace record` (this tree's wheel)
@@ -25,6 +28,7 @@ Prints one table row per flood and probe type; everything stays in OUT.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import shutil
 import subprocess
@@ -126,7 +130,8 @@ for pt in cfg["types"]:
                                "drain_s": settle(trace, t1)})
     rec.send_signal(signal.SIGTERM)
     _, status, usage = os.wait4(rec.pid, 0)
-    run.update(rc=os.waitstatus_to_exitcode(status), cpu_s=round(usage.ru_utime + usage.ru_stime, 1))
+    run.update(rc=os.waitstatus_to_exitcode(status), cpu_s=round(usage.ru_utime + usage.ru_stime, 1),
+               maxrss_mb=round(usage.ru_maxrss / 1024))  # a soak: does record's memory grow?
     subprocess.run(["rmmod", "ksdisk"], check=True)
 dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
 res["dmesg_bad"] = [l for l in dmesg.splitlines() if any(w in l for w in ("WARNING:", "BUG:", "Oops"))]
@@ -153,27 +158,44 @@ def compare(truth: dict[str, int], seen: dict[str, int], lost: int) -> tuple[boo
     return False, f"missing {gone} ({detail}) but {lost} reported lost"
 
 
-def read_events(path: Path) -> tuple[str, list[dict]]:
-    lines = path.read_text().splitlines()
-    return lines[0], [json.loads(x) for x in lines[1:] if x.strip()]
+def trace_lines(path: Path):
+    """The trace's header line, then its events one at a time: a 10-minute soak records
+    millions of events (hundreds of MB), more than is worth holding as dicts."""
+    with open(path) as f:
+        yield f.readline().rstrip("\n")
+        for line in f:
+            if line.strip():
+                yield line.rstrip("\n")
+
+
+def attached_profiles(events) -> dict[str, dict]:
+    """Every profile of the trace as a profile_attach (its device once registered)."""
+    profiles: dict[str, dict] = {}
+    for e in events:
+        if e["ev"] in ("profile_init", "profile_attach"):
+            profiles[e["p"]] = {**e, "ev": "profile_attach"}
+        elif e["ev"] == "profile_register" and e["p"] in profiles:
+            profiles[e["p"]]["device"] = e["device"]
+    return profiles
+
+
+def slice_line(e: dict, t0: int, t1: int):
+    """The line event ``e`` is in the window [t0, t1), or None. A lost marker belongs to
+    the window where the loss began (``since``, see analyse), reported perhaps after t1:
+    inside [since, t1)."""
+    if e["ev"] == "lost":
+        if t0 <= e.get("since", e["t"]) < t1:
+            return json.dumps({**e, "t": min(e["t"], t1 - 1), "since": max(e.get("since", e["t"]), t0)})
+    elif e["ev"] not in NOT_EVENTS and t0 <= e["t"] < t1:
+        return json.dumps(e)
+    return None
 
 
 def window_slice(header: str, events: list[dict], t0: int, t1: int) -> str:
     """The trace of one window alone: header, the profiles (as attached at t0: replay
     starts them in an unknown state), the events in [t0, t1)."""
-    profiles: dict[str, dict] = {}
-    for e in events:
-        if e["ev"] in ("profile_init", "profile_attach"):
-            profiles[e["p"]] = {**e, "ev": "profile_attach", "t": t0}
-        elif e["ev"] == "profile_register" and e["p"] in profiles:
-            profiles[e["p"]]["device"] = e["device"]
-    out = [header] + [json.dumps(p) for p in profiles.values()]
-    for e in events:
-        if e["ev"] == "lost" and t0 <= e.get("since", e["t"]) < t1:
-            # where the loss began (see analyse), reported perhaps after t1: inside [since, t1)
-            out.append(json.dumps({**e, "t": min(e["t"], t1 - 1), "since": max(e.get("since", e["t"]), t0)}))
-        elif e["ev"] not in NOT_EVENTS and t0 <= e["t"] < t1:
-            out.append(json.dumps(e))
+    out = [header] + [json.dumps({**p, "t": t0}) for p in attached_profiles(events).values()]
+    out += [x for x in (slice_line(e, t0, t1) for e in events) if x is not None]
     return "\n".join(out) + "\n"
 
 
@@ -189,30 +211,54 @@ def replay_verdict(path: Path) -> str:
 def analyse(out: Path, res: dict) -> list[dict]:
     rows = []
     for pt, run in res["runs"].items():
-        header, events = read_events(out / f"trace-{pt}.ndjson")
-        wins = run["windows"]
+        path, wins = out / f"trace-{pt}.ndjson", run["windows"]
+        # window i runs from its flood's start to the next one's (its drain included)
+        starts = [w["t0"] for w in wins]
+        ends = starts[1:] + [1 << 63]
+        # Two passes over the file, not a list of every event: the profiles first (each
+        # window's slice starts with them, as window_slice does), then the events.
+        lines = trace_lines(path)
+        header = next(lines)
+        profiles = attached_profiles(json.loads(x) for x in lines if '"profile_' in x)
+        seen: list[dict[str, int]] = [{} for _ in wins]
+        markers: list[list[dict]] = [[] for _ in wins]
+        files = [open(out / f"window-{pt}-{i}.ndjson", "w") for i in range(len(wins))]
+        try:
+            for f, t0 in zip(files, starts):
+                f.write("\n".join([header] + [json.dumps({**p, "t": t0}) for p in profiles.values()]) + "\n")
+            lines = trace_lines(path)
+            next(lines)
+            for x in lines:
+                e = json.loads(x)
+                # A marker goes to the window where the loss began: a full perf buffer reports
+                # its loss only when its CPU next writes an event, perhaps in the next flood.
+                lost = e["ev"] == "lost"
+                i = bisect.bisect_right(starts, e.get("since", e["t"]) if lost else e["t"]) - 1
+                if i < 0 or (not lost and e["ev"] in NOT_EVENTS):
+                    continue
+                if lost:
+                    markers[i].append(e)
+                else:
+                    seen[i][e["ev"]] = seen[i].get(e["ev"], 0) + 1
+                line = slice_line(e, starts[i], ends[i])
+                if line is not None:
+                    files[i].write(line + "\n")
+        finally:
+            for f in files:
+                f.close()
         for i, w in enumerate(wins):
-            end = wins[i + 1]["t0"] if i + 1 < len(wins) else 1 << 63
-            seen: dict[str, int] = {}
-            for e in events:
-                if e["ev"] not in NOT_EVENTS and w["t0"] <= e["t"] < end:
-                    seen[e["ev"]] = seen.get(e["ev"], 0) + 1
-            # A marker goes to the window where the loss began: a full perf buffer reports
-            # its loss only when its CPU next writes an event, perhaps in the next flood.
-            markers = [e for e in events if e["ev"] == "lost" and w["t0"] <= e.get("since", e["t"]) < end]
-            lost = sum(e["count"] for e in markers)
-            why = sorted({e.get("why", "perf-buffer" if e.get("count") else "unknown") for e in markers})
+            lost = sum(e["count"] for e in markers[i])
+            why = sorted({e.get("why", "perf-buffer" if e.get("count") else "unknown") for e in markers[i]})
             truth = ground_truth(w["before"], w["after"])
-            ok, detail = compare(truth, seen, lost)
-            sl = out / f"window-{pt}-{i}.ndjson"
-            sl.write_text(window_slice(header, events, w["t0"], end))
+            ok, detail = compare(truth, seen[i], lost)
             d = {k: int(w["after"][k]) - int(w["before"][k]) for k in ("flood_completed", "flood_errors")}
             secs = int(w["after"]["flood_elapsed_ns"]) / 1e9
+            n = sum(seen[i].values())
             rows.append({"probe": pt, "rate": w["rate"], "achieved": d["flood_completed"] / secs if secs else 0,
-                         "bios": d["flood_completed"], "errors": d["flood_errors"], "events": sum(seen.values()),
-                         "events_s": sum(seen.values()) / secs if secs else 0, "truth": sum(truth.values()),
-                         "lost": lost, "why": why, "match": ok, "detail": detail, "verdict": replay_verdict(sl),
-                         "drain_s": w["drain_s"]})
+                         "bios": d["flood_completed"], "errors": d["flood_errors"], "events": n,
+                         "events_s": n / secs if secs else 0, "truth": sum(truth.values()),
+                         "lost": lost, "why": why, "match": ok, "detail": detail,
+                         "verdict": replay_verdict(out / f"window-{pt}-{i}.ndjson"), "drain_s": w["drain_s"]})
     return rows
 
 
@@ -250,9 +296,13 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--probe-types", default="fentry,kprobe")
     ap.add_argument("--out", type=Path, default=CACHE_ROOT / "bench-lossless")
-    ap.add_argument("--timeout", type=float, default=1500)
+    ap.add_argument("--timeout", type=float, help="seconds for the whole VM run (default: 1500, more when "
+                    "the floods need it: a soak, --seconds 600, gets 1.5x their time plus 600 s)")
     ap.add_argument("--no-vm", action="store_true", help="only analyse what an earlier run left in OUT")
     args = ap.parse_args()
+    if args.timeout is None:
+        floods = len(args.rates.split(",")) * len(args.probe_types.split(","))
+        args.timeout = max(1500.0, 600 + 1.5 * floods * args.seconds)
     args.out.mkdir(parents=True, exist_ok=True)
     tool = None if args.no_vm else install_tool(args.out.resolve())
     for gen in args.gen or ["6.1"]:
@@ -285,6 +335,7 @@ def report(args, out: Path) -> None:
     cfg = res.get("cfg", vars(args))
     print(f"\n{res['kernel']}: {cfg['keys']} keys on {cfg['slots']} slots, {cfg['seconds']} s per rate; "
           + "; ".join(f"{pt} attach {run['attach_s']} s, recorder CPU {run['cpu_s']} s"
+                      + (f", max RSS {run['maxrss_mb']} MB" if "maxrss_mb" in run else "")
                       for pt, run in res["runs"].items())
           + ("; dmesg: " + " | ".join(res["dmesg_bad"]) if res["dmesg_bad"] else ""))
     print("| probe | rate asked | achieved bios/s | events recorded (/s) | kernel events | lost reported (why) "
