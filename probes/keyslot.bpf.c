@@ -97,7 +97,9 @@ struct frame_key {
 	u32 depth;
 	u32 pad;
 };
-BPF_HASH(depth, u64, u32, 16384);
+/* Never deleted (an outer context may hold its pointer: see push): LRU, so that the
+ * entries of threads long gone make room. */
+BPF_TABLE("lru_hash", u64, u32, depth, 16384);
 BPF_HASH(frames, struct frame_key, struct frame, 16384);
 
 /*
@@ -213,13 +215,22 @@ static __always_inline int push(struct frame *f)
 {
 	u64 thread = thread_key();
 	u32 zero = 0, *d = depth.lookup_or_try_init(&thread, &zero);
-	if (!d || *d >= KS_MAX_DEPTH)
+	if (!d)
 		return 0;
-	struct frame_key k = {.thread = thread, .depth = *d};
-	if (frames.update(&k, f))
+	u32 at = *d;
+	if (at >= KS_MAX_DEPTH)
 		return 0;
-	(*d)++;
-	return 1;
+	/*
+	 * Claim the level before filling it. fentry programs nest (only kprobe programs
+	 * exclude each other), so an interrupt may run ours in the middle of this one: on
+	 * the same stack if it is this CPU's interrupt stack (a hardirq inside a softirq),
+	 * or, where the context is unknown, the task's. It pushes and pops above the level
+	 * claimed here, or, coming before the claim, at it and gone again: either way this
+	 * frame is not overwritten. (A level claimed but not filled is skipped by pop.)
+	 */
+	*d = at + 1;
+	struct frame_key k = {.thread = thread, .depth = at};
+	return frames.update(&k, f) == 0;
 }
 
 /* The frame of the innermost open ``kind`` call. Calls opened after it whose
@@ -254,9 +265,7 @@ static __always_inline int pop(struct frame *out, u32 kind)
 		struct frame_key k = {.thread = thread, .depth = top - i};
 		frames.delete(&k);
 	}
-	*d = top - found;
-	if (*d == 0)
-		depth.delete(&thread);
+	*d = top - found; /* (an interrupt nesting before this pushed and popped above top) */
 	return 1;
 }
 
