@@ -801,6 +801,11 @@ def _top_live(output: str | None, disk: str | None, every_event: bool, as_json: 
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(open(output, "wb")) if output else None
             rec = Recorder(out, setup, disk=disk, aggregate=not every_event)
+            # As record: a Ctrl-C or SIGTERM while the probes compile and attach (minutes) is a
+            # request to stop, honoured once they are attached (run_live stops at once, the -o
+            # file gets its header), not a kill that leaves an empty -o file.
+            early = {s: signal.signal(s, rec.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+            stack.callback(lambda: [signal.signal(s, h) for s, h in early.items()])
             try:
                 click.echo("compiling and attaching the probes...", err=True)
                 seconds = rec.attach()

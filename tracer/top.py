@@ -268,12 +268,18 @@ def run_live(recorder, *, as_json: bool = False, interval_s: float = 1.0, count:
     agg.start_at(source.t0)
     key_fd = None if as_json or not out.isatty() else _open_keys()
     old: dict = {}
+    # a stop the caller's handler took while the probes compiled and attached (tracer/cli.py)
+    stopped = lambda: getattr(recorder, "stop_requested", False) is True  # noqa: E731
     try:
         if key_fd is None:
             stop = lambda signum, frame: source.stop()  # noqa: E731
             old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+            if stopped():
+                source.stop()
             return _run_lines(agg, source, None, as_json, count, out)
         old = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt)}
+        if stopped():
+            return 0
         return _run_screen(agg, source, None, count, key_fd, View(live=True))
     finally:
         for s, h in old.items():

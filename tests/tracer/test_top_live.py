@@ -239,3 +239,46 @@ def test_live_every_event_top_filters_by_process(tmp_path):
     rec.aggregate = True
     with pytest.raises(ValueError, match="needs every event"):
         top.run_live(rec, out=io.StringIO(), clock=rec.clock, proc_filter=ProcFilter(pid=1))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_live_top_compiles_leaves_a_header_only_trace(tmp_path, monkeypatch, signum):
+    """SIGTERM or Ctrl-C while `top -o` compiles and attaches (minutes under emulation):
+    top stops once attached, as record does, exit 0 and the -o file has its header,
+    instead of being killed (SIGTERM) or exiting 130 (Ctrl-C) with an empty -o file
+    (bench/signal_rounds.py found both). The kernel side is faked."""
+    import orjson
+
+    from tracer import record
+    from tracer.decode import Decoder
+
+    class CompilingRecorder(record.Recorder):
+        def attach(self):
+            os.kill(os.getpid(), signum)  # arrives while "compiling"
+            self.attach_start_ns = 1
+            return 42.0
+
+        def start(self, header=None):
+            self.out.write(orjson.dumps((header or self.header()).to_json()) + b"\n")
+            self.decoder = Decoder(lambda r: None)
+            return self.decoder
+
+        def poll(self, timeout_ms):
+            raise AssertionError("a stop was requested: top must not poll")
+
+        def close(self):
+            self.closed = True
+            self.out.flush()
+
+    setup = record.Setup("blk_crypto", "mainline-unlink", [], [])
+    monkeypatch.setattr(record, "check_privileges", lambda: None)
+    monkeypatch.setattr(record, "check_kprobe_events", lambda: None)
+    monkeypatch.setattr(record, "import_bcc", lambda: None)
+    monkeypatch.setattr(record, "prepare", lambda **kw: setup)
+    monkeypatch.setattr(record, "Recorder", CompilingRecorder)
+    out = tmp_path / "t.ndjson"
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    r = CliRunner().invoke(cli, ["top", "-o", str(out), "--json", "1"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert read_trace(out).events == [] and read_trace(out).header.api == "blk_crypto"
+    assert {s: signal.getsignal(s) for s in before} == before  # the early handlers are gone again
