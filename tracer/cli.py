@@ -473,6 +473,7 @@ def record(output: str | None, duration: float | None, disk: str | None, probe_t
         _check_callbacks(callbacks)
         _record_tracefs(output, duration, semantics, callbacks)
         return
+    early = _EarlyStop()
     try:
         check_privileges()
         setup = prepare(semantics=semantics, probe_type=probe_type)
@@ -480,9 +481,7 @@ def record(output: str | None, duration: float | None, disk: str | None, probe_t
         import_bcc()
         with open(output, "wb") as out:
             rec = Recorder(out, setup, disk=disk)
-            # Compiling and attaching take seconds to minutes: a Ctrl-C or SIGTERM then is a
-            # request to stop like any other, and still leaves a complete (header-only) trace.
-            early = {s: signal.signal(s, rec.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+            early.hand_to(rec)
             try:
                 *lines, summary = attach_report(rec, rec.attach())
             except BaseException:
@@ -492,14 +491,40 @@ def record(output: str | None, duration: float | None, disk: str | None, probe_t
                 click.echo(line, err=True)
             click.echo(f"{summary}; recording to {output}" + ("" if duration else " (Ctrl-C to stop)"), err=True)
             counts = rec.run(duration)  # returns at once if a stop was requested meanwhile
-            for s, h in early.items():
-                signal.signal(s, h)
     except ProbeError as e:
         _remove_if_empty(output)
         click.echo(f"keyslot-trace: {e}", err=True)
         sys.exit(EXIT_CANNOT_TRACE)
+    finally:
+        early.restore()
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no events"
     click.echo(f"recorded {summary}", err=True)
+
+
+class _EarlyStop:
+    """SIGINT and SIGTERM from the moment `record` or live `top` starts: a request to stop,
+    handed to the Recorder once it exists and honoured once the probes are attached (the
+    -o file then gets its header). Checking the kernel, importing bcc, compiling and
+    attaching take seconds to minutes: a signal anywhere in them must neither kill the
+    process nor leave an empty -o file (bench/signal_rounds.py)."""
+
+    def __init__(self) -> None:
+        self.requested, self._rec = False, None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        if self._rec is not None:
+            self._rec.request_stop()
+
+    def hand_to(self, rec) -> None:
+        self._rec = rec
+        if self.requested:
+            rec.request_stop()
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
 
 
 def _remove_if_empty(output: str) -> None:
@@ -793,6 +818,7 @@ def _top_live(output: str | None, disk: str | None, every_event: bool, as_json: 
     from tracer.probes import ProbeError
     from tracer.record import Recorder, attach_report, check_kprobe_events, check_privileges, import_bcc, prepare
 
+    early = _EarlyStop()  # as record: run_live stops at once if a stop was requested meanwhile
     try:
         check_privileges()
         setup = prepare()
@@ -801,11 +827,7 @@ def _top_live(output: str | None, disk: str | None, every_event: bool, as_json: 
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(open(output, "wb")) if output else None
             rec = Recorder(out, setup, disk=disk, aggregate=not every_event)
-            # As record: a Ctrl-C or SIGTERM while the probes compile and attach (minutes) is a
-            # request to stop, honoured once they are attached (run_live stops at once, the -o
-            # file gets its header), not a kill that leaves an empty -o file.
-            early = {s: signal.signal(s, rec.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-            stack.callback(lambda: [signal.signal(s, h) for s, h in early.items()])
+            early.hand_to(rec)
             try:
                 click.echo("compiling and attaching the probes...", err=True)
                 seconds = rec.attach()
@@ -828,6 +850,8 @@ def _top_live(output: str | None, disk: str | None, every_event: bool, as_json: 
     except OSError as e:
         click.echo(f"keyslot-trace: {output}: {e.strerror or e}", err=True)
         sys.exit(EXIT_CANNOT_TRACE)
+    finally:
+        early.restore()
     sys.exit(status)
 
 

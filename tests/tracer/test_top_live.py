@@ -241,12 +241,14 @@ def test_live_every_event_top_filters_by_process(tmp_path):
         top.run_live(rec, out=io.StringIO(), clock=rec.clock, proc_filter=ProcFilter(pid=1))
 
 
+@pytest.mark.parametrize("when", ["attach", "prepare"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_while_live_top_compiles_leaves_a_header_only_trace(tmp_path, monkeypatch, signum):
-    """SIGTERM or Ctrl-C while `top -o` compiles and attaches (minutes under emulation):
-    top stops once attached, as record does, exit 0 and the -o file has its header,
-    instead of being killed (SIGTERM) or exiting 130 (Ctrl-C) with an empty -o file
-    (bench/signal_rounds.py found both). The kernel side is faked."""
+def test_a_signal_while_live_top_compiles_leaves_a_header_only_trace(tmp_path, monkeypatch, signum, when):
+    """SIGTERM or Ctrl-C while `top -o` compiles and attaches (minutes under emulation), or
+    before, while it reads the kernel's symbols: top stops once attached, as record does,
+    exit 0 and the -o file has its header, instead of being killed (SIGTERM) or exiting
+    130 (Ctrl-C) with an empty -o file or none (bench/signal_rounds.py found both). The
+    kernel side is faked."""
     import orjson
 
     from tracer import record
@@ -254,7 +256,8 @@ def test_a_signal_while_live_top_compiles_leaves_a_header_only_trace(tmp_path, m
 
     class CompilingRecorder(record.Recorder):
         def attach(self):
-            os.kill(os.getpid(), signum)  # arrives while "compiling"
+            if when == "attach":
+                os.kill(os.getpid(), signum)  # arrives while "compiling"
             self.attach_start_ns = 1
             return 42.0
 
@@ -274,7 +277,13 @@ def test_a_signal_while_live_top_compiles_leaves_a_header_only_trace(tmp_path, m
     monkeypatch.setattr(record, "check_privileges", lambda: None)
     monkeypatch.setattr(record, "check_kprobe_events", lambda: None)
     monkeypatch.setattr(record, "import_bcc", lambda: None)
-    monkeypatch.setattr(record, "prepare", lambda **kw: setup)
+
+    def prepare(**kw):
+        if when == "prepare":
+            os.kill(os.getpid(), signum)  # arrives while reading the kernel's symbols
+        return setup
+
+    monkeypatch.setattr(record, "prepare", prepare)
     monkeypatch.setattr(record, "Recorder", CompilingRecorder)
     out = tmp_path / "t.ndjson"
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
