@@ -384,7 +384,8 @@ def report(out: Path) -> None:
           f"{sum(bool(x['left']) for x in rows)} with leftovers, {sum(x['parse'] == 'no file' for x in rows)} "
           f"without a trace file, {sum(failed(x) for x in rows)} parse failures, verdicts {dict(total)}; signal to exit: median {statistics.median(exits) if exits else '-'} s, "
           f"max {max(exits) if exits else '-'} s; events per trace: max {max((x.get('events') or 0 for x in rows), default=0)}")
-    unknown = Counter(why for x in rows if x["verdict"] == "UNKNOWN" for why in (x.get("lost") or {"none": 0}))
+    unknown = Counter(why for x in rows if x["verdict"] == "UNKNOWN"
+                      for why in (x.get("lost") or {"header only" if not x["events"] else "nothing lost": 0}))
     print(f"UNKNOWN rounds by what their traces say was lost: {dict(unknown) or '-'}")
     bad = [x for x in rows if x.get("hung") or x["left"] or failed(x) or x["verdict"] == "DIVERGED"
            or x["rc"] not in (0,)]
