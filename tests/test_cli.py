@@ -163,3 +163,42 @@ def test_a_signal_while_the_probes_compile_still_leaves_a_complete_trace(tmp_pat
     assert "recorded no events" in r.stderr
     assert read_trace(out).events == [] and read_trace(out).header.api == "blk_crypto"
     assert signal.getsignal(signal.SIGTERM) is before  # the early handler is gone again
+
+
+SHELL_DURING_COMPILE = r"""
+import contextlib, os, sys
+from tracer.cli import _EarlyStop
+
+class Recorder:
+    stop_requested = False
+
+    def request_stop(self):
+        self.stop_requested = True
+
+early, rec = _EarlyStop(), Recorder()
+early.hand_to(rec)
+compile_ = early.through_shells() if sys.argv[1] == "shielded" else contextlib.nullcontext()
+with compile_:
+    print("compiling", flush=True)
+    os.system("echo shell; sleep 2")  # as libbcc does while compiling: system() ignores SIGINT meanwhile
+print("stop requested" if rec.stop_requested else "no stop", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how,expected", [("shielded", "stop requested"), ("bare", "no stop")])
+def test_a_ctrl_c_while_bcc_runs_a_shell_is_not_lost(how, expected):
+    """libbcc runs a shell through system() while it compiles, and system() sets SIGINT to
+    ignored in the caller until the shell exits: a Ctrl-C then was dropped, and live top
+    ran on until killed (bench/signal_rounds.py, round 28). Around the compile the signals
+    are blocked and taken by a thread waiting for them; without that ("bare", the control)
+    the same SIGINT is lost."""
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", SHELL_DURING_COMPILE, how], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "compiling\n"
+    assert p.stdout.readline() == "shell\n"  # the shell is running
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=30)
+    assert out.strip() == expected and p.returncode == 0

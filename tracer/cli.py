@@ -13,6 +13,7 @@ import re
 import signal
 import stat
 import sys
+import threading
 import time
 
 import click
@@ -483,7 +484,9 @@ def record(output: str | None, duration: float | None, disk: str | None, probe_t
             rec = Recorder(out, setup, disk=disk)
             early.hand_to(rec)
             try:
-                *lines, summary = attach_report(rec, rec.attach())
+                with early.through_shells():
+                    attached = rec.attach()
+                *lines, summary = attach_report(rec, attached)
             except BaseException:
                 rec.detach()
                 raise
@@ -525,6 +528,30 @@ class _EarlyStop:
     def restore(self) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+    @contextlib.contextmanager
+    def through_shells(self):
+        """While bcc compiles: libbcc runs a shell through system() (extracting kernel
+        headers), and system() ignores SIGINT in the caller until the shell exits, so a
+        Ctrl-C then was dropped and the tool ran on (bench/signal_rounds.py, round 28).
+        Blocked signals are never dropped as ignored: block them in every thread and take
+        them in a thread of our own that waits for them (sigwait)."""
+        wake = signal.SIGUSR1  # ends the waiting thread
+        watched = {signal.SIGINT, signal.SIGTERM, wake}
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+
+        def wait() -> None:
+            while signal.sigwait(watched) != wake:
+                self._handle(None, None)
+
+        waiter = threading.Thread(target=wait, name="keyslot-trace signals", daemon=True)
+        waiter.start()
+        try:
+            yield
+        finally:
+            signal.pthread_kill(waiter.ident, wake)
+            waiter.join()
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def _remove_if_empty(output: str) -> None:
@@ -830,7 +857,8 @@ def _top_live(output: str | None, disk: str | None, every_event: bool, as_json: 
             early.hand_to(rec)
             try:
                 click.echo("compiling and attaching the probes...", err=True)
-                seconds = rec.attach()
+                with early.through_shells():
+                    seconds = rec.attach()
             except BaseException:
                 rec.detach()
                 raise
