@@ -151,6 +151,14 @@ def raw_lines(path, start: int, end: int) -> list[dict]:
         return [e for e in map(json.loads, f) if start <= e["t"] <= end]
 
 
+def losses_may_go_uncounted(recording, probe_type) -> bool:
+    """A BPF kprobe program the kernel skips because another BPF program runs on that CPU
+    (an interrupt arriving in one of ours) is counted only from 6.7 (recursion_misses, which
+    record reads): before, a kprobe recorder may lose an interrupt's event with no count.
+    Seen once: 6.1, kprobes, one put of the extra-put scenario. fentry programs nest."""
+    return probe_type != "fentry" and tuple(map(int, recording.kernel.generation.split("."))) < (6, 7)
+
+
 def test_the_probes_tell_interrupts_from_tasks(recording):
     """Which puts ran in an interrupt, against the driver's own count: ksdisk counts the
     requests holding a keyslot that it completed with in_task() false (the kernel puts
@@ -171,9 +179,13 @@ def test_the_probes_tell_interrupts_from_tasks(recording):
         # probe hits the kernel skipped (kprobes re-entered from an interrupt) are reported
         missed = kernel_misses(parse_trace(window_bytes(recording.trace_path(probe_type).read_bytes(), start, end)),
                                start, end)
-        assert truth["rq_crypt_slot"] - missed <= len(puts) <= truth["rq_crypt_slot"], probe_type
-        assert truth["irq_slot_puts"] - missed <= len(in_irq) <= truth["irq_slot_puts"], (probe_type, len(in_irq))
+        # no more interrupt puts and no more task puts than the driver made of each: a put
+        # marked wrongly either way breaks one of these
+        assert len(in_irq) <= truth["irq_slot_puts"], (probe_type, len(in_irq))
         assert len(puts) - len(in_irq) <= truth["rq_crypt_slot"] - truth["irq_slot_puts"], probe_type
+        if not losses_may_go_uncounted(recording, probe_type):  # and none missing but those reported
+            assert len(in_irq) >= truth["irq_slot_puts"] - missed, (probe_type, len(in_irq))
+            assert len(puts) >= truth["rq_crypt_slot"] - missed, probe_type
         assert len({e["cpu"] for e in in_irq}) == 2, probe_type
         gets = [e for e in ev if e["ev"] == "get_call" and e["p"] in disk]
         assert gets and not any(e.get("irq") for e in gets), probe_type
@@ -187,7 +199,8 @@ def test_an_injected_refcount_bug_behind_an_interrupt_put_is_caught(recording):
     put is in the trace as the interrupt's (tid 0, irq), one more than the driver's
     interrupt completions. A recorder that reported probe hits the kernel skipped (kprobes
     re-entered from the timer: 5.10 has only kprobes) may rightly say UNKNOWN instead;
-    the flood is slow (40 reads) so that this is rare."""
+    one whose kernel does not count every skip (kprobes before 6.7) may miss the bug only
+    if puts are missing; the flood is slow (40 reads) so that both are rare."""
     start, end = recording.window("extra-put")
     rep = recording.report("extra-put")
     truth, slot = rep["result"]["stats_delta"], rep["result"]["extra_put_slot"]
@@ -198,13 +211,18 @@ def test_an_injected_refcount_bug_behind_an_interrupt_put_is_caught(recording):
         in_irq = [e for e in ev if e["ev"] == "put_call" and e["p"] in disk and e.get("irq")]
         trace = parse_trace(window_bytes(recording.trace_path(probe_type).read_bytes(), start, end))
         missed = kernel_misses(trace, start, end)  # kprobes re-entered by the timer's interrupts
-        assert truth["irq_slot_puts"] + 1 - missed <= len(in_irq) <= truth["irq_slot_puts"] + 1, probe_type
+        assert len(in_irq) <= truth["irq_slot_puts"] + 1, probe_type
+        if not losses_may_go_uncounted(recording, probe_type):
+            assert len(in_irq) >= truth["irq_slot_puts"] + 1 - missed, probe_type
         r = check(trace)
         if r.verdict is Verdict.DIVERGED:  # where no reported loss can explain it
             assert r.divergence.op.kind == "put" and f"put of slot {slot}," in r.divergence.reason, \
                 (probe_type, r.divergence.reason)
-        else:  # a reported loss may rightly hide it: UNKNOWN then, never AGREE
-            assert r.verdict is Verdict.UNKNOWN and missed, (probe_type, r.verdict, missed)
+        elif missed:  # a reported loss may rightly hide it: UNKNOWN then, never AGREE
+            assert r.verdict is Verdict.UNKNOWN, (probe_type, r.verdict, missed)
+        else:  # only a kernel that lost the bug's puts without a count can hide it: and they are missing
+            assert losses_may_go_uncounted(recording, probe_type) and len(in_irq) < truth["irq_slot_puts"] + 1, \
+                (probe_type, r.verdict)
 
 
 def test_dm_passthrough_evicts_through_dm_down_to_the_disk(recording):
