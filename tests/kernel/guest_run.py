@@ -55,7 +55,10 @@ def start_recorder(tool: list[str], out: Path, probe_type: str, env: dict, run: 
             if rec.poll() is None:
                 rec.kill()
             run["record"][probe_type] = {"rc": rec.wait()}
-            print(f"record --probe-type {probe_type} was not ready:\n{log_path.read_text(errors='replace')}",
+            # the compiler's or verifier's messages, which record keeps in a file it names
+            kept = "".join(f"\n--- {p}:\n{p.read_text(errors='replace')[-6000:]}"
+                           for p in sorted(Path("/tmp").glob("keyslot-trace-bpf-*.log")))
+            print(f"record --probe-type {probe_type} was not ready:\n{log_path.read_text(errors='replace')}{kept}",
                   file=sys.stderr)
             return None
         time.sleep(0.5)
