@@ -103,15 +103,6 @@ BPF_TABLE("lru_hash", u64, u32, depth, 16384);
 BPF_HASH(frames, struct frame_key, struct frame, 16384);
 
 /*
- * Whose frame stack a probe uses. A task's calls nest on its own stack, and an
- * interrupt that completes a request runs on the stack of the task it interrupted,
- * which cannot run elsewhere meanwhile: a nested, well-bracketed call. But pid 0 is
- * every CPU's idle task at once, so interrupts on two idle CPUs would share one stack
- * and pop each other's frames (put_return reporting the other CPU's slot): the idle
- * task's stack is per CPU. (A task proper may sleep in get and wake on another CPU,
- * so its stack cannot be.)
- */
-/*
  * Does this probe run in interrupt context (a hardirq, or a softirq being served)?
  * Read from this CPU's preempt count, a per-CPU variable on x86-64: tracer/record.py
  * passes the address of __per_cpu_offset[] (KS_PER_CPU_OFFSET) and the per-CPU
@@ -140,6 +131,15 @@ static __always_inline u8 event_context(void)
 #endif
 }
 
+/*
+ * Whose frame stack a probe uses. A task's calls nest on its own stack. An interrupt
+ * (hardirq, softirq being served) belongs to no task: where the probes can tell
+ * (event_context()), its calls go on its CPU's stack, apart from the task it happened
+ * to interrupt; elsewhere they nest on that task's, well-bracketed. pid 0 is every CPU's
+ * idle task at once, so its stack is per CPU too (interrupts on two idle CPUs would pop
+ * each other's frames). A task proper may sleep in get and wake on another CPU, so its
+ * stack cannot be per CPU.
+ */
 static __always_inline u64 thread_key(void)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();
