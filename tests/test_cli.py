@@ -110,6 +110,28 @@ def test_ctrl_c_during_replay_exits_130_not_the_code_of_diverged(tmp_path):
     assert p.returncode == 130 and "Traceback" not in err, (p.returncode, err[-500:])
 
 
+def fake_kernel_side(monkeypatch, recorder_class, signal_at_prepare=None) -> None:
+    """No root, tracefs or bcc: the CLI's checks pass, prepare() returns a plan (and sends
+    ``signal_at_prepare`` to this process, as if it came while the kernel's symbols are
+    read), and ``recorder_class`` stands in for the Recorder."""
+    import os
+
+    from tracer import record
+
+    setup = record.Setup("blk_crypto", "mainline-unlink", [], [])
+    monkeypatch.setattr(record, "check_privileges", lambda: None)
+    monkeypatch.setattr(record, "check_kprobe_events", lambda: None)
+    monkeypatch.setattr(record, "import_bcc", lambda: None)
+
+    def prepare(**kw):
+        if signal_at_prepare is not None:
+            os.kill(os.getpid(), signal_at_prepare)
+        return setup
+
+    monkeypatch.setattr(record, "prepare", prepare)
+    monkeypatch.setattr(record, "Recorder", recorder_class)
+
+
 @pytest.mark.parametrize("when", ["attach", "prepare"])
 def test_a_signal_while_the_probes_compile_still_leaves_a_complete_trace(tmp_path, monkeypatch, when):
     """SIGTERM (or Ctrl-C) during compile and attach, which take up to minutes: record
@@ -144,18 +166,7 @@ def test_a_signal_while_the_probes_compile_still_leaves_a_complete_trace(tmp_pat
         def close(self):
             self.out.flush()
 
-    setup = record.Setup("blk_crypto", "mainline-unlink", [], [])
-    monkeypatch.setattr(record, "check_privileges", lambda: None)
-    monkeypatch.setattr(record, "check_kprobe_events", lambda: None)
-    monkeypatch.setattr(record, "import_bcc", lambda: None)
-
-    def prepare(**kw):
-        if when == "prepare":
-            os.kill(os.getpid(), signal.SIGTERM)  # arrives while reading the kernel's symbols
-        return setup
-
-    monkeypatch.setattr(record, "prepare", prepare)
-    monkeypatch.setattr(record, "Recorder", CompilingRecorder)
+    fake_kernel_side(monkeypatch, CompilingRecorder, signal.SIGTERM if when == "prepare" else None)
     out = tmp_path / "t.ndjson"
     before = signal.getsignal(signal.SIGTERM)
     r = run("record", "-o", str(out))

@@ -273,18 +273,9 @@ def test_a_signal_while_live_top_compiles_leaves_a_header_only_trace(tmp_path, m
             self.closed = True
             self.out.flush()
 
-    setup = record.Setup("blk_crypto", "mainline-unlink", [], [])
-    monkeypatch.setattr(record, "check_privileges", lambda: None)
-    monkeypatch.setattr(record, "check_kprobe_events", lambda: None)
-    monkeypatch.setattr(record, "import_bcc", lambda: None)
+    from tests.test_cli import fake_kernel_side
 
-    def prepare(**kw):
-        if when == "prepare":
-            os.kill(os.getpid(), signum)  # arrives while reading the kernel's symbols
-        return setup
-
-    monkeypatch.setattr(record, "prepare", prepare)
-    monkeypatch.setattr(record, "Recorder", CompilingRecorder)
+    fake_kernel_side(monkeypatch, CompilingRecorder, signum if when == "prepare" else None)
     out = tmp_path / "t.ndjson"
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     r = CliRunner().invoke(cli, ["top", "-o", str(out), "--json", "1"])
