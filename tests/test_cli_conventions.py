@@ -120,7 +120,7 @@ def test_ebpf_prints_the_program_that_would_be_loaded(kernel_61, monkeypatch, ar
     # the same flags, but kernel addresses (KASLR) are named, not printed: the fallback
     # profile's and the per-CPU offsets' (the probes read the preempt count through them)
     assert "-DKS_FALLBACK_SYM=0xffffffff82000000ULL" in cflags and "0xffff" not in r.stdout
-    assert "-DKS_PER_CPU_OFFSET=0xffffffff81fb1780ULL" in cflags
+    assert "-DKS_PER_CPU_OFFSET=0xffffffff82100000ULL" in cflags
     names = {"-DKS_FALLBACK_SYM": "blk_crypto_fallback_profile/blk_crypto_ksm", "-DKS_PER_CPU_OFFSET": "__per_cpu_offset"}
     shown = [f"{f.split('=')[0]}=<{names[f.split('=')[0]]} in /proc/kallsyms>" if f.split("=")[0] in names else f
              for f in cflags]
