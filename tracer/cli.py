@@ -531,9 +531,10 @@ class _EarlyStop:
 
     @contextlib.contextmanager
     def through_shells(self):
-        """While bcc compiles: libbcc runs a shell through system() (extracting kernel
-        headers), and system() ignores SIGINT in the caller until the shell exits, so a
-        Ctrl-C then was dropped and the tool ran on (bench/signal_rounds.py, round 28).
+        """While bcc compiles: libbcc may run a shell through system() (its own extraction
+        of the kernel headers, which tracer/kernel_headers.py now does in its place), and
+        system() ignores SIGINT in the caller until the shell exits, so a Ctrl-C then was
+        dropped and the tool ran on (bench/signal_rounds.py, round 28).
         Blocked signals are never dropped as ignored: block them in every thread and take
         them in a thread of our own that waits for them (sigwait)."""
         wake = signal.SIGUSR1  # ends the waiting thread

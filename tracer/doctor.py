@@ -7,6 +7,7 @@ import os
 import platform
 from dataclasses import dataclass
 
+from tracer.kernel_headers import KHEADERS, bcc_kernel_dir, has_headers
 from tracer.probes import TRACEFS_DIRS, KernelSymbols, ProbeError, detect_generation
 
 
@@ -70,8 +71,9 @@ def run_checks() -> list[Check]:
     checks.append(Check("BTF", btf, "/sys/kernel/btf/vmlinux " + ("present" if btf else "missing"),
                         "CONFIG_DEBUG_INFO_BTF=y (optional today: kprobes are used)", fatal=False))
     release = platform.release()
-    headers = os.path.exists(f"/lib/modules/{release}/build") or os.path.exists("/sys/kernel/kheaders.tar.xz")
-    checks.append(Check("kernel headers", headers, "found" if headers else "missing",
+    kdir = bcc_kernel_dir(release, os.environ)
+    headers = kdir if has_headers(kdir) else KHEADERS if os.path.exists(KHEADERS) else None
+    checks.append(Check("kernel headers", headers is not None, headers or "missing",
                         f"apt-get install linux-headers-{release}, or CONFIG_IKHEADERS=y"))
     tracefs = next((d for d in TRACEFS_DIRS if os.path.exists(os.path.join(d, "available_filter_functions"))), None)
     checks.append(Check("tracefs", tracefs is not None, tracefs or "not mounted",

@@ -26,6 +26,7 @@ from probes.events import COUNTERS, EventKind, RawEvent
 from replay.trace import Header
 from tracer import __version__
 from tracer.decode import Decoder
+from tracer.kernel_headers import NoKernelHeaders, kernel_headers
 from tracer.tui.kernel_counts import KernelCounts
 from tracer.probes import (FALLBACK_SYMBOLS, GENERATIONS, TRACEFS_DIRS, Attachment, KernelSymbols, ProbeError,
                            detect_generation, detect_semantics, plan)
@@ -233,6 +234,13 @@ class Recorder:
         """Compile and attach; returns the seconds it took."""
         bcc = import_bcc()
         t0 = time.monotonic()
+        try:
+            with kernel_headers():
+                return self._compile_and_attach(bcc, t0)
+        except NoKernelHeaders as e:
+            raise ProbeError(str(e)) from None
+
+    def _compile_and_attach(self, bcc, t0: float) -> float:
         cflags = compile_flags(self.setup, self.aggregate)
         if self.setup.probe_type == "fentry":
             # libbpf prints the whole verifier log on stderr when a program does not load;
@@ -260,8 +268,7 @@ class Recorder:
             try:
                 self.bpf = bcc.BPF(text=bpf_source(), cflags=cflags)
             except Exception as e:  # bcc raises bare Exception
-                failed = ProbeError(f"compiling the BPF program failed ({e}); kernel headers: "
-                                    "/lib/modules/$(uname -r)/build or CONFIG_IKHEADERS")
+                failed = ProbeError(f"compiling the BPF program failed ({e})")
             else:
                 self.attach_start_ns = time.monotonic_ns()
                 try:

@@ -177,6 +177,7 @@ def fresh_out(name: str) -> Path:
 
 
 def read_log(path: Path) -> str:
-    """A tool's stderr log. libbcc's `modprobe kheaders` shell sometimes prints bytes
-    that are not UTF-8 there."""
+    """A tool's stderr log, read even if it holds bytes that are not UTF-8 (libbcc's own
+    kernel-header extraction printed shell errors quoting stack garbage there, before
+    tracer/kernel_headers.py kept it from running)."""
     return path.read_text(errors="replace")
