@@ -78,6 +78,7 @@ class Setup:
     cflags: list[str]
     probe_type: str = "kprobe"  # or "fentry"
     kprobe_fallback: bool = True  # fentry that fails to load falls back to kprobes (--probe-type auto)
+    irq_context: bool = False  # the probes read the preempt count: interrupt events are told apart
 
 
 def check_kprobe_events() -> None:
@@ -107,8 +108,8 @@ def prepare(ks: KernelSymbols | None = None, semantics: str | None = None, probe
     missing = [a for a in attachments if a.spec.required and not a.attached]
     if missing:
         raise ProbeError("cannot trace: " + "; ".join(f"{a.symbol}: {a.reason}" for a in missing))
-    cflags = [f"-I{resources.files('probes')}", f"-DKS_FALLBACK_SYM={ks.fallback_address():#x}ULL",
-              *ks.context_flags()]
+    context_flags = ks.context_flags()
+    cflags = [f"-I{resources.files('probes')}", f"-DKS_FALLBACK_SYM={ks.fallback_address():#x}ULL", *context_flags]
     if generation == "blk_ksm":
         cflags.append("-DKS_GEN_BLK_KSM")
     else:
@@ -119,7 +120,7 @@ def prepare(ks: KernelSymbols | None = None, semantics: str | None = None, probe
     elif probe_type == "fentry" and not fentry_supported(ks):
         raise ProbeError("fentry/fexit needs kernel BTF (/sys/kernel/btf/vmlinux) and BPF trampolines")
     return Setup(generation, semantics or detect_semantics(ks, generation), attachments, cflags, probe_type,
-                 kprobe_fallback=fallback)
+                 kprobe_fallback=fallback, irq_context=bool(context_flags))
 
 
 def bpf_source(setup: Setup | None = None) -> str:
@@ -224,7 +225,7 @@ class Recorder:
             extra={"probe_type": self.setup.probe_type,
                    # the probes tell interrupts from tasks: every event run in an interrupt has
                    # tid 0 and "irq": true (docs/trace-format.md)
-                   "irq_context": any(f.startswith("-DKS_PER_CPU_OFFSET=") for f in self.setup.cflags),
+                   "irq_context": self.setup.irq_context,
                    **({"fentry_error": self.fentry_error} if self.fentry_error else {}),
                    "probes": [{"name": a.spec.name, "symbol": a.symbol, "attached": a.attached,
                                **({} if a.attached else {"reason": a.reason})} for a in self.setup.attachments]},

@@ -213,3 +213,17 @@ def test_where_the_preempt_count_is_tells_interrupts_from_tasks():
     hidden = KernelSymbols.parse("0000000000000000 D __preempt_count\n0000000000000000 D __per_cpu_offset\n", None)
     assert hidden.context_flags("x86_64") == []
     assert KernelSymbols.parse(KALLSYMS_510, None).context_flags("x86_64") == []  # no data symbols listed
+
+
+def test_the_header_says_whether_interrupt_events_are_told_apart(monkeypatch):
+    """Replay pairs an interrupt's events per CPU only where the header says the probes
+    could tell them (docs/trace-format.md, irq_context)."""
+    from tracer import probes
+    from tracer.record import Recorder, prepare
+
+    ks = KernelSymbols.parse(KALLSYMS_61, TRACEABLE)
+    for machine, told in (("x86_64", True), ("aarch64", False)):
+        monkeypatch.setattr(probes.platform, "machine", lambda: machine)
+        setup = prepare(ks, probe_type="kprobe")
+        assert setup.irq_context is told
+        assert Recorder(None, setup).header().extra["irq_context"] is told
