@@ -140,13 +140,13 @@ static __always_inline u8 event_context(void)
  * each other's frames). A task proper may sleep in get and wake on another CPU, so its
  * stack cannot be per CPU.
  */
-static __always_inline u64 thread_key(void)
+static __always_inline u64 thread_key(u8 context)
 {
 	u32 tid = (u32)bpf_get_current_pid_tgid();
 	/* an interrupt belongs to no task: whatever it interrupted, its calls nest on its
 	 * CPU's interrupt stack, and keeping them apart from the task's keeps the task's
 	 * frames whole (an interrupt's put inside the task's own put) */
-	if (!tid || event_context() == KS_CTX_IRQ)
+	if (!tid || context == KS_CTX_IRQ)
 		return (1ULL << 63) | bpf_get_smp_processor_id();
 	return tid;
 }
@@ -180,7 +180,9 @@ static __always_inline int is_fallback(u64 profile)
 #endif
 }
 
-static __always_inline void emit(void *ctx, u32 kind, struct frame *f, s32 result)
+/* ``context``: event_context(), read once per probe hit by its caller (two reads of
+ * kernel memory, and push/pop need it too) */
+static __always_inline void emit(void *ctx, u32 kind, struct frame *f, s32 result, u8 context)
 {
 	struct ks_event e = {};
 	u64 id = bpf_get_current_pid_tgid();
@@ -198,7 +200,7 @@ static __always_inline void emit(void *ctx, u32 kind, struct frame *f, s32 resul
 	if (kind != KS_PROFILE_INIT && is_fallback(f->profile))
 		e.aux |= 1ULL << KS_AUX_FALLBACK_SHIFT;
 	e.kind = kind;
-	e.context = event_context();
+	e.context = context;
 	e.cpu = bpf_get_smp_processor_id();
 	e.tid = (u32)id;
 	e.tgid = id >> 32;
@@ -211,9 +213,9 @@ static __always_inline void emit(void *ctx, u32 kind, struct frame *f, s32 resul
 
 /* Returns 0 when the frame could not be saved (too deep, or the maps are full): the
  * caller then sends no CALL either, so no return is waited for that never comes. */
-static __always_inline int push(struct frame *f)
+static __always_inline int push(struct frame *f, u8 context)
 {
-	u64 thread = thread_key();
+	u64 thread = thread_key(context);
 	u32 zero = 0, *d = depth.lookup_or_try_init(&thread, &zero);
 	if (!d)
 		return 0;
@@ -237,9 +239,9 @@ static __always_inline int push(struct frame *f)
  * returns were missed (a kretprobe out of instances, counted by the kernel) are
  * over: their frames are dropped. Returns 0, popping nothing, when there is no such
  * call (its entry was not seen: attached mid-call, or too deep). */
-static __always_inline int pop(struct frame *out, u32 kind)
+static __always_inline int pop(struct frame *out, u32 kind, u8 context)
 {
-	u64 thread = thread_key();
+	u64 thread = thread_key(context);
 	u32 *d = depth.lookup(&thread);
 	if (!d || *d == 0)
 		return 0;
@@ -323,9 +325,9 @@ static __always_inline int idle_list_empty(u64 profile)
 }
 
 /* the frame of the call this thread is inside, if any */
-static __always_inline struct frame *caller_frame(void)
+static __always_inline struct frame *caller_frame(u8 context)
 {
-	u64 thread = thread_key();
+	u64 thread = thread_key(context);
 	u32 *d = depth.lookup(&thread);
 	if (!d || *d == 0)
 		return NULL;
@@ -334,13 +336,13 @@ static __always_inline struct frame *caller_frame(void)
 }
 
 /* at entry, before the frame is pushed */
-static __always_inline void aggregate_entry(struct frame *f)
+static __always_inline void aggregate_entry(struct frame *f, u8 context)
 {
 	u64 now = f->t = bpf_ktime_get_ns();
 	if (f->kind == KS_GET_CALL && f->num_slots) {
 		f->full_at_call = idle_list_empty(f->profile);
 	} else if (f->kind == KS_PROGRAM_CALL) {
-		struct frame *get = caller_frame();
+		struct frame *get = caller_frame(context);
 		if (!get || get->kind != KS_GET_CALL || get->profile != f->profile || get->programmed)
 			return;
 		get->programmed = 1;
@@ -424,7 +426,7 @@ static __always_inline void aggregate_init(struct frame *f)
 }
 #else
 /* without aggregation, no extra work (not even reading the clock) on the traced path */
-static __always_inline void aggregate_entry(struct frame *f) {}
+static __always_inline void aggregate_entry(struct frame *f, u8 context) {}
 static __always_inline void aggregate_return(struct frame *f, s32 rc) {}
 static __always_inline void aggregate_init(struct frame *f) {}
 #endif
@@ -433,11 +435,12 @@ static __always_inline void aggregate_init(struct frame *f) {}
 static __always_inline int op_entry(void *ctx, u32 kind, u64 profile, u64 key, u64 ptr, s32 slot)
 {
 	struct frame f = {.profile = profile, .key = key, .ptr = ptr, .slot = slot, .kind = kind};
+	u8 context = event_context();
 	if (profile)
 		f.num_slots = profile_num_slots(profile);
-	aggregate_entry(&f);
-	if (push(&f))
-		emit(ctx, kind, &f, 0);
+	aggregate_entry(&f, context);
+	if (push(&f, context))
+		emit(ctx, kind, &f, 0, context);
 	return 0;
 }
 
@@ -449,10 +452,11 @@ _Static_assert(KS_GET_RETURN == KS_GET_CALL + 1 && KS_PUT_RETURN == KS_PUT_CALL 
 static __always_inline int op_return(void *ctx, u32 kind, s32 rc)
 {
 	struct frame f;
-	if (!pop(&f, kind - 1))
+	u8 context = event_context();
+	if (!pop(&f, kind - 1, context))
 		return 0;
 	aggregate_return(&f, rc);
-	emit(ctx, kind, &f, rc);
+	emit(ctx, kind, &f, rc, context);
 	return 0;
 }
 
@@ -466,12 +470,13 @@ static __always_inline int get_exit(void *ctx, u8 status)
 {
 	struct frame f;
 	u64 slot = 0;
-	if (!pop(&f, KS_GET_CALL))
+	u8 context = event_context();
+	if (!pop(&f, KS_GET_CALL, context))
 		return 0;
 	bpf_probe_read_kernel(&slot, sizeof(slot), (void *)f.ptr);
 	f.slot = slot_index(f.profile, slot);
 	aggregate_return(&f, status);
-	emit(ctx, KS_GET_RETURN, &f, status);
+	emit(ctx, KS_GET_RETURN, &f, status, context);
 	return 0;
 }
 
@@ -526,7 +531,7 @@ int drv_evict_return(struct pt_regs *ctx) { return op_return(ctx, KS_DRV_EVICT_R
 int init_entry(struct pt_regs *ctx, PROFILE *profile, unsigned int num_slots)
 {
 	struct frame f = {.profile = (u64)profile, .num_slots = num_slots, .kind = KS_PROFILE_INIT};
-	push(&f);
+	push(&f, event_context());
 	return 0;
 }
 
@@ -534,7 +539,7 @@ int init_entry(struct pt_regs *ctx, PROFILE *profile, unsigned int num_slots)
 int init_passthrough_entry(struct pt_regs *ctx, PROFILE *profile)
 {
 	struct frame f = {.profile = (u64)profile, .num_slots = 0, .kind = KS_PROFILE_INIT};
-	push(&f);
+	push(&f, event_context());
 	return 0;
 }
 
@@ -542,30 +547,34 @@ static __always_inline int init_exit(void *ctx, int rc)
 {
 	struct frame f;
 	s32 flags = 0;
-	if (!pop(&f, KS_PROFILE_INIT) || rc != 0)
+	u8 context = event_context();
+	if (!pop(&f, KS_PROFILE_INIT, context) || rc != 0)
 		return 0; /* a failed init creates no profile */
 	if (is_fallback(f.profile))
 		flags |= KS_PROFILE_IS_FALLBACK;
 	aggregate_init(&f);
-	emit(ctx, KS_PROFILE_INIT, &f, flags);
+	emit(ctx, KS_PROFILE_INIT, &f, flags, context);
 	return 0;
 }
 
 int init_return(struct pt_regs *ctx) { return init_exit(ctx, (int)PT_REGS_RC(ctx)); }
 
-int init_passthrough_return(struct pt_regs *ctx)
+static __always_inline int init_passthrough_exit(void *ctx)
 {
 	struct frame f;
-	if (pop(&f, KS_PROFILE_INIT))
-		emit(ctx, KS_PROFILE_INIT, &f, 0);
+	u8 context = event_context();
+	if (pop(&f, KS_PROFILE_INIT, context))
+		emit(ctx, KS_PROFILE_INIT, &f, 0, context);
 	return 0;
 }
+
+int init_passthrough_return(struct pt_regs *ctx) { return init_passthrough_exit(ctx); }
 
 static __always_inline int destroy_enter(void *ctx, PROFILE *profile)
 {
 	struct frame f = {.profile = (u64)profile, .slot = KS_NO_SLOT};
 	if (profile)
-		emit(ctx, KS_PROFILE_DESTROY, &f, 0);
+		emit(ctx, KS_PROFILE_DESTROY, &f, 0, event_context());
 	return 0;
 }
 
@@ -670,12 +679,12 @@ static __always_inline s32 ks_ret(void *ctx)
 	{ return op_return(ctx, KS_DRV_EVICT_RETURN, ks_ret(ctx)); }
 #define KS_FENTRY_init_entry(sym) KFUNC_PROBE(sym) \
 	{ struct frame f = {.profile = ks_arg(ctx, 0), .num_slots = (u32)ks_arg(ctx, 1), .kind = KS_PROFILE_INIT}; \
-	  push(&f); return 0; }
+	  push(&f, event_context()); return 0; }
 #define KS_FEXIT_init_return(sym) KRETFUNC_PROBE(sym) { return init_exit(ctx, ks_ret(ctx)); }
 #define KS_FENTRY_init_passthrough_entry(sym) KFUNC_PROBE(sym) \
-	{ struct frame f = {.profile = ks_arg(ctx, 0), .kind = KS_PROFILE_INIT}; push(&f); return 0; }
+	{ struct frame f = {.profile = ks_arg(ctx, 0), .kind = KS_PROFILE_INIT}; push(&f, event_context()); return 0; }
 #define KS_FEXIT_init_passthrough_return(sym) KRETFUNC_PROBE(sym) \
-	{ struct frame f; if (pop(&f, KS_PROFILE_INIT)) emit(ctx, KS_PROFILE_INIT, &f, 0); return 0; }
+	{ return init_passthrough_exit(ctx); }
 #define KS_FENTRY_destroy_entry(sym) KFUNC_PROBE(sym) { return destroy_enter(ctx, (PROFILE *)ks_arg(ctx, 0)); }
 #define KS_FENTRY_register_entry(sym) KFUNC_PROBE(sym) \
 	{ return register_enter(ctx, (PROFILE *)ks_arg(ctx, 0), (struct request_queue *)ks_arg(ctx, 1)); }
