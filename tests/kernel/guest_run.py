@@ -15,8 +15,8 @@ busybox sh (capture.txt, tracefs.log), and meanwhile further copies of it are st
 and killed at random moments (kill-N.txt, kill-N.log): after each, and after all,
 run.json says which of their kprobes and trace instances were left behind.
 
-At the end, with --mid-stream: `record --tracefs` started while fscrypt's lru-churn runs
-again and again (trace-midstream.ndjson); with --bad-environments: the tool where it
+At the end, with --mid-stream: `record --tracefs`, then `record` with bcc, started while
+fscrypt's lru-churn runs again and again (trace-midstream-{tracefs,bcc}.ndjson); with --bad-environments: the tool where it
 must refuse to trace (bad-environments.json).
 
 Also writes to OUT: <scenario>.json (workload reports), doctor.txt, run.json
@@ -195,12 +195,15 @@ def refused_program(tool: list[str], env: dict) -> dict:
             "log": Path(log[1]).read_text(errors="replace")[-5000:] if log and Path(log[1]).exists() else None}
 
 
-def attach_mid_stream(tool: list[str], out: Path, env: dict, seconds: int = 30) -> dict:
+MID_STREAM_RECORDERS = {"tracefs": ["--tracefs"], "bcc": ["--probe-type", "auto"]}
+
+
+def attach_mid_stream(tool: list[str], out: Path, env: dict, recorder: str, seconds: int = 30) -> dict:
     """`record` started while an LRU-churn workload runs, after a first run has filled
     the fallback's slots with keys it never sees programmed: its probes go live in the
-    middle of operations. lru-churn runs again and again until the recording ends.
-    With --tracefs (the script needs no compile): a bcc compile beside this workload
-    once failed to extract bcc's kernel headers in the guest (see the README)."""
+    middle of operations. lru-churn runs again and again until the recording ends. The
+    recorder is the tracefs script or bcc (whose minutes of compiling pass beside the
+    workload, and whose kernel headers come from tracer/kernel_headers.py)."""
     stop, runs = threading.Event(), []
 
     def churn() -> None:
@@ -213,10 +216,10 @@ def attach_mid_stream(tool: list[str], out: Path, env: dict, seconds: int = 30) 
     worker.start()
     while not runs and worker.is_alive():
         time.sleep(0.5)
-    log = out / "record-midstream.log"
+    log = out / f"record-midstream-{recorder}.log"
     t0, started_ns = time.monotonic(), time.monotonic_ns()
-    rc = subprocess.run(tool + ["record", "--tracefs", "--duration", str(seconds), "-o",
-                                str(out / "trace-midstream.ndjson")],
+    rc = subprocess.run(tool + ["record", *MID_STREAM_RECORDERS[recorder], "--duration", str(seconds), "-o",
+                                str(out / f"trace-midstream-{recorder}.ndjson")],
                         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, timeout=900).returncode
     stop.set()
     worker.join()
@@ -232,7 +235,7 @@ def main() -> int:
                     help="one recorder per type (default: auto)")
     ap.add_argument("--tracefs", action="store_true", help="also capture with the tracefs script (busybox sh)")
     ap.add_argument("--mid-stream", action="store_true",
-                    help="at the end, record while a workload is already running (trace-midstream.ndjson)")
+                    help="at the end, record while a workload is already running (trace-midstream-*.ndjson)")
     ap.add_argument("--bad-environments", action="store_true",
                     help="at the end, run the tool where it cannot trace (bad-environments.json)")
     ap.add_argument("--tool", required=True,
@@ -329,7 +332,7 @@ def main() -> int:
                                  str(mine), "-o", "/tmp/nobody-capture.txt"], capture_output=True, text=True, cwd="/tmp")
         run["tracefs"]["as_nobody"] = {"rc": nobody.returncode, "stderr": nobody.stderr}
     if args.mid_stream:
-        run["midstream"] = attach_mid_stream(tool, out, env)
+        run["midstream"] = {r: attach_mid_stream(tool, out, env, r) for r in MID_STREAM_RECORDERS}
     if args.bad_environments:
         bad_environments(tool, out, env)
     (out / "run.json").write_text(json.dumps(run, indent=1))

@@ -1,10 +1,10 @@
 """Attach anytime, on a real kernel of every generation (guest_run.py --mid-stream, after
-the recording): `record --tracefs` started while fscrypt's LRU-churn workload ran again
-and again, after a first run had filled the fallback's slots with keys the recording
+the recording): `record`, with the tracefs script and with bcc, started while fscrypt's
+LRU-churn workload ran again and again, after a first run had filled the fallback's slots with keys the recording
 never saw programmed, so its probes went live in the middle of operations. The checker
 must start that profile from an unknown state and never blame the kernel for what
 happened before the attach. (The reverse, a profile destroyed while recording, is every
-ksdisk scenario's rmmod; a bcc `record` attached mid-workload is bench/signal_rounds.py's.)"""
+ksdisk scenario's rmmod.)"""
 
 from __future__ import annotations
 
@@ -12,17 +12,20 @@ import pytest
 
 from replay.checker import Verdict, check
 from replay.trace import read_trace
+from tests.kernel.conftest import read_log
+from tests.kernel.guest_run import MID_STREAM_RECORDERS
 from tests.kernel.traces import kernel_misses
 
 pytestmark = pytest.mark.vm
 
 
-def test_record_started_mid_workload_is_never_diverged(recording):
-    mid = recording.run["midstream"]
-    assert mid["rc"] == 0, (recording.out / "record-midstream.log").read_text()
+@pytest.mark.parametrize("recorder", MID_STREAM_RECORDERS)
+def test_record_started_mid_workload_is_never_diverged(recording, recorder):
+    mid = recording.run["midstream"][recorder]
+    assert mid["rc"] == 0, read_log(recording.out / f"record-midstream-{recorder}.log")
     runs = mid["workload_runs"]
     assert runs and all(r["rc"] == 0 for r in runs), runs
-    trace = read_trace(recording.out / "trace-midstream.ndjson")
+    trace = read_trace(recording.out / f"trace-midstream-{recorder}.ndjson")
     first = min(e.t for e in trace.events if e.kind.name != "lost")
     # the slots were filled before the recording began, and the workload went on during it
     assert runs[0]["end_ns"] < mid["started_ns"] < first and len(runs) >= 2, runs
