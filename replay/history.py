@@ -87,6 +87,10 @@ class ProfileHistory:
     # they cap the verdict at UNKNOWN, with the first as the reason
     unexplained: list[str] = field(default_factory=list)
     init_t: int | None = None  # the last profile_init
+    # (its first event's line, its first profile_init's line and time) when events of a
+    # profile created in the trace came before its creation: judged at the end, when
+    # every loss is known (before_init_reason)
+    before_init: tuple[int, int, int] | None = None
 
     @property
     def fresh(self) -> bool:
@@ -149,6 +153,7 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
     open_ops: dict[tuple, list[OpRecord]] = {}
     ids = 0
     last_marker_t = -1  # the last lost marker: events before it may be missing
+    first_loss_t: int | None = None  # the earliest time any loss may have begun
     thread_last: dict[tuple, int] = {}  # thread_key -> time of its last call seen
     # thread_key -> driver callbacks that ran outside any operation: impossible, unless the
     # thread's next event is the return of an operation whose call was lost (judged then)
@@ -193,6 +198,8 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
             # loss fell somewhere in [since, t]: the state is unknown from
             # `since`, the window is judged leniently (checker), and it is
             # unknown again at t, since what was learnt inside may be wrong.
+            start = ev.since if ev.since is not None else ev.t
+            first_loss_t = start if first_loss_t is None else min(first_loss_t, start)
             for h in profiles.values():  # after returns at the same time: those were seen
                 if ev.since is not None:
                     h.points.append((ev.since, 0, RESYNC, ev))
@@ -212,6 +219,9 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
         if k in stray and kind not in _PARENTS and kind not in _CLOSERS and kind is not EventKind.put_call:
             settle(k)  # (an interrupt's put may run inside the operation whose call was lost)
         if kind is EventKind.profile_init:
+            if (h.init_t is None and not h.existed_before and len(h.events) > 1
+                    and not any(e.kind is EventKind.profile_destroy for e in h.events)):
+                h.before_init = (h.events[0].line, ev.line, ev.t)  # (after a destroy: its address reused)
             h.num_slots, h.from_start, h.init_t = ev.num_slots, True, ev.t
             h.device = ev.device or h.device
             h.points.append((ev.t, 0, INIT, ev))
@@ -277,6 +287,9 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
             ids = place_callback(stack, stray, k, ev, seen_before, ids)
     for k in list(stray):
         settle(k)
+    for h in profiles.values():
+        if why := before_init_reason(h.before_init, first_loss_t):
+            h.unexplained.append(why)
     for stack in open_ops.values():  # still in flight at the end of the trace: it may or may not have taken effect
         for rec in stack:
             rec.incomplete = True
@@ -284,6 +297,16 @@ def build(header: Header, events: list[Event]) -> dict[str, ProfileHistory]:
     for h in profiles.values():
         h.points.sort(key=lambda p: (p[0], p[1]))
     return profiles
+
+
+def before_init_reason(before_init: tuple[int, int, int] | None, first_loss_t: int | None) -> str | None:
+    """A profile not in the header was created after the trace began: events of it before
+    its profile_init mean an earlier creation went unseen, unless a loss may have hidden it."""
+    if before_init is None or (first_loss_t is not None and first_loss_t <= before_init[2]):
+        return None
+    first_line, init_line, _ = before_init
+    return (f"its events from line {first_line} came before its profile_init at line {init_line}, and it was "
+            "not in the header (created earlier, unseen) and no loss was reported")
 
 
 def thread_key(ev: Event) -> tuple:

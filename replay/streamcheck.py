@@ -47,7 +47,7 @@ from replay import model
 from replay.checker import (DEFAULT_BUDGET, MAX_CONFIGS, NO_SLOT_COUNT, ProfileResult, Result, Verdict, _BudgetExhausted,
                             _linearize, check, why_unknown)
 from replay.history import (_CLOSERS, _OPENERS, _PARENTS, CALL, INIT, RESYNC, RETURN, OpRecord, _unpaired,
-                            place_callback, thread_key, to_model_op)
+                            before_init_reason, place_callback, thread_key, to_model_op)
 from replay.trace import (BINARY_PROBE, STDIN, STREAM_WINDOW, Event, Header, TraceFormatError, _chunks, _close,
                           _open, _parse_header, parse_trace, read_trace, stream_trace)
 
@@ -90,6 +90,9 @@ class _Profile:
     resync_t: int | None = None
     unexplained: list = field(default_factory=list)  # the first of ProfileHistory.unexplained,
     n_unexplained: int = 0  # and how many
+    first_line: int | None = None  # of its first event
+    destroyed: bool = False
+    before_init: tuple | None = None  # history.ProfileHistory.before_init
     queue: deque = field(default_factory=deque)  # points (t, order, seq, kind, payload) in checker order, unchecked
     full: bool = False  # holds more than HOLD points
     done: tuple | None = None  # (t, order) of the last point checked: no point can go before it now
@@ -129,6 +132,7 @@ class StreamChecker:
         self.stray: dict[tuple, OpRecord] = {}
         self.thread_last: dict[tuple, int] = {}
         self.last_marker_t = -1
+        self.first_loss_t: int | None = None  # the earliest time any loss may have begun
         self.ids = self.seq = 0
         self.t = -1
         self.full: list[_Profile] = []
@@ -151,12 +155,16 @@ class StreamChecker:
         if kind is EventKind.lost:
             return self._lost(ev)
         h = self._hist(ev.profile)
+        if h.first_line is None:
+            h.first_line = ev.line
         k = thread_key(ev)
         stack = self.open_ops.get(k) or []
         seen_before = self._all_seen(h, k)
         if k in self.stray and kind not in _PARENTS and kind not in _CLOSERS and kind is not EventKind.put_call:
             self._settle(k)
         if kind is EventKind.profile_init:
+            if h.init_t is None and not h.existed_before and h.first_line != ev.line and not h.destroyed:
+                h.before_init = (h.first_line, ev.line, ev.t)
             h.num_slots, h.from_start, h.init_t = ev.num_slots, True, ev.t
             h.device = ev.device or h.device
             if h.start is not None and h.start != (h.fresh, ev.num_slots):
@@ -170,6 +178,7 @@ class StreamChecker:
         elif kind is EventKind.profile_register:
             h.device = ev.device
         elif kind is EventKind.profile_destroy:
+            h.destroyed = True
             if h.first_t is None:  # (its DESTROY point frees memory only: checker.check checks nothing there)
                 h.first_t = ev.t
         elif kind in _OPENERS:
@@ -202,6 +211,8 @@ class StreamChecker:
 
     def _lost(self, ev: Event) -> None:
         self.lost += ev.count or 0
+        start = ev.since if ev.since is not None else ev.t
+        self.first_loss_t = start if self.first_loss_t is None else min(self.first_loss_t, start)
         for h in self.profiles.values():
             if ev.since is not None:
                 self._add(h, ev.since, 0, RESYNC, ev)
@@ -384,6 +395,9 @@ class StreamChecker:
         # build's end: stray callbacks judged; operations still in flight may or may not have taken effect
         for k in list(self.stray):
             self._settle(k)
+        for h in self.profiles.values():
+            if why := before_init_reason(h.before_init, self.first_loss_t):
+                self._unexplained(h, why)
         for stack in self.open_ops.values():
             for rec in stack:
                 rec.incomplete = True
