@@ -160,3 +160,28 @@ def test_parse_args():
 def test_scenarios_registered():
     assert set(w.SCENARIOS) == {"lru-churn", "waits", "shared-read", "evict-open"}
     assert w.SCENARIOS["lru-churn"][1] == 4 and w.SCENARIOS["waits"][1] == 1
+
+
+@pytest.mark.parametrize("failures,reported", [(["busy"] * 3, None), (["busy"] * 20, "target is busy"),
+                                               (["not mounted"], "not mounted")])
+def test_the_tmpfs_is_unmounted_once_the_loop_device_lets_go(monkeypatch, failures, reported):
+    """A busy tmpfs is tried again (the loop device releases its image asynchronously);
+    any other failure, or busy for 10 s, is reported."""
+    workload, left = w, list(failures)
+
+    def run(cmd, what=None):
+        if left:
+            why = "target is busy" if left.pop(0) == "busy" else "not mounted"
+            raise workload.WorkloadError(f"{what} failed (exit 32): umount: /tmp/ks: {why}")
+        return ""
+
+    monkeypatch.setattr(workload, "run", run)
+    monkeypatch.setattr(workload.time, "sleep", lambda s: None)
+    fs = workload.EncryptedFS("/tmp", "1M", print)
+    fs.tmpfs_mounted, fs.work = True, "/nonexistent-ks-work"
+    if reported is None:
+        fs.teardown()
+        assert not fs.tmpfs_mounted
+    else:
+        with pytest.raises(workload.WorkloadError, match=reported):
+            fs.teardown()
