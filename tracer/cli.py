@@ -458,9 +458,6 @@ def record(output: str | None, duration: float | None, disk: str | None, probe_t
       keyslot-trace replay trace.ndjson
       keyslot-trace record --ebpf --probe-type kprobe   # the program, not loaded
     """
-    from tracer.probes import ProbeError
-    from tracer.record import Recorder, attach_report, check_kprobe_events, check_privileges, import_bcc, prepare
-
     if ebpf:
         _print_ebpf(False, semantics=semantics, probe_type=probe_type)
         return
@@ -474,7 +471,10 @@ def record(output: str | None, duration: float | None, disk: str | None, probe_t
         _check_callbacks(callbacks)
         _record_tracefs(output, duration, semantics, callbacks)
         return
-    early = _EarlyStop()
+    early = _EarlyStop()  # before loading the recorder: seconds under emulation
+    from tracer.probes import ProbeError
+    from tracer.record import Recorder, attach_report, check_kprobe_events, check_privileges, import_bcc, prepare
+
     try:
         check_privileges()
         setup = prepare(semantics=semantics, probe_type=probe_type)
@@ -842,11 +842,11 @@ def _top_live(output: str | None, disk: str | None, every_event: bool, as_json: 
     """`top` without --from: attach the probes as `record` does and watch them."""
     import contextlib
 
+    early = _EarlyStop()  # as record: run_live stops at once if a stop was requested meanwhile
     from tracer import top as top_view
     from tracer.probes import ProbeError
     from tracer.record import Recorder, attach_report, check_kprobe_events, check_privileges, import_bcc, prepare
 
-    early = _EarlyStop()  # as record: run_live stops at once if a stop was requested meanwhile
     try:
         check_privileges()
         setup = prepare()
