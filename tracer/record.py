@@ -296,10 +296,10 @@ class Recorder:
         for a in attachments:
             if not a.attached:
                 continue
-            try:
-                self.bpf.attach_kprobe(event=a.symbol, fn_name=a.spec.entry)
+            try:  # the return first: a call whose entry is seen then always shows its return
                 if a.spec.ret:
                     self.bpf.attach_kretprobe(event=a.symbol, fn_name=a.spec.ret, maxactive=a.spec.maxactive)
+                self.bpf.attach_kprobe(event=a.symbol, fn_name=a.spec.entry)
             except Exception as e:  # bcc raises bare Exception
                 if a.spec.required:
                     raise ProbeError(f"attaching to {a.symbol} failed: {e}") from None
